@@ -116,8 +116,13 @@ configs = {
 }
 
 
+def upcast(x: torch.Tensor) -> torch.Tensor:
+    """At least float32: norms and rotations in 16-bit lose too much precision."""
+    return x.to(torch.promote_types(x.dtype, torch.float32))
+
+
 class RMSNorm(nn.Module):
-    """y = x / sqrt(mean(x²) + eps) · weight, computed in float32 for stability."""
+    """y = x / sqrt(mean(x²) + eps) · weight, computed in (at least) float32 for stability."""
 
     def __init__(self, size: int, eps: float = 1e-5):
         super().__init__()
@@ -126,9 +131,9 @@ class RMSNorm(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         dtype = x.dtype
-        x = x.float()
+        x = upcast(x)
         x = x * torch.rsqrt(x.pow(2).mean(dim=-1, keepdim=True) + self.eps)
-        return (x * self.weight.float()).to(dtype)
+        return (x * self.weight.to(x.dtype)).to(dtype)
 
 
 def rope_frequencies(head_size: int, base: float, scaling: Optional[dict] = None) -> torch.Tensor:
@@ -159,7 +164,7 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     """Rotate each interleaved pair (x[2i], x[2i+1]) of every head by its angle.
 
     x: (B, n_heads, T, D); cos, sin: (T, D/2)."""
-    x1, x2 = x.float()[..., 0::2], x.float()[..., 1::2]
+    x1, x2 = upcast(x)[..., 0::2], upcast(x)[..., 1::2]
     rotated = torch.stack((x1 * cos - x2 * sin, x1 * sin + x2 * cos), dim=-1)
     return rotated.flatten(-2).to(x.dtype)
 

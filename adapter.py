@@ -1,0 +1,469 @@
+"""Whispering-LLaMA: a frozen LLaMA that reads a Whisper n-best list and listens to the audio.
+
+Implementation of the paper:
+    Whispering LLaMA: A Cross-Modal Generative Error Correction Framework for Speech Recognition
+    Radhakrishnan et al., EMNLP 2023, https://arxiv.org/abs/2310.06434
+which builds on LLaMA-Adapter (Zhang et al. 2023, https://arxiv.org/abs/2303.16199).
+
+Every LLaMA block from `adapter_start_layer` on gets two small trained adapters added to its attention:
+
+                      x (B, T, C)
+                          │  frozen fused qkv, RoPE on q and k
+            ┌─────────────┼───────────────────────────────┐
+            ▼             ▼                               ▼
+     causal self-attn   AiL: prefix P (L×C) ──RMSNorm──►   AiW: Whisper encoder output A (B, F, W)
+     over the text      frozen qkv ─► k_p, v_p (no RoPE)      k = A Wk,  v = A Wv + bv   (frozen copies of
+            │           softmax(q k_pᵀ/√D) v_p                 Whisper decoder block j's cross-attention)
+            │             │                                  k̂ = up(silu(down(rmsnorm_k(k))))   (trained,
+            │             │                                  v̂ = up(silu(down(rmsnorm_v(v))))    identity init)
+            │             │                                  split into Whisper heads, pad to LLaMA's (H, F, D)
+            │             │                                  q'' = mix_heads(q Q_d) Q_h          (trained,
+            │             │                                  softmax(q'' K_padᵀ/√D) V_pad         identity init)
+            ▼             ▼                                     ▼
+            y   +   gate_L · y_prefix (gate_L = 0 at init)  +  gate_W · y_whisper (gate_W = 1 at init)
+                          │
+                      output projection, residual, MLP (frozen, as in LLaMA)
+
+Padding. Whisper's heads (Hw heads of size Dw) are fewer and narrower than LLaMA's (H heads of size D).
+The paper pads them into LLaMA's shape with a template: every head is the F×D matrix with ones on its
+principal diagonal ([t, d] = 1 iff t == d), and the top-left [:Hw, :, :Dw] block holds k̂ (or v̂).
+
+The fast path here never builds that (B, H, F, D) template. Its constant parts contribute in closed form:
+  - for the Hw real heads, the identity tail adds q''[..., f] to the score of frame f for f in [Dw, D),
+    and copies the attention probability of frame d into output column d for d in [Dw, D);
+  - the H - Hw padding heads score q''[..., f] for the first min(F, D) frames and exactly 0 for the rest,
+    so their softmax has a closed form, and their output column d is the probability of frame d.
+k̂ and v̂ depend only on the audio, so while decoding they are computed once per utterance and cached
+beside the KV cache (as are the prefix keys/values). tests/test_adapter.py keeps the literal template
+implementation as the oracle for all of this.
+
+Two ways to split k̂ (B, F, W) into heads exist: `heads` (correct: (B, F, Hw, Dw), heads moved forward)
+and `paper` (the reference code's view of the contiguous buffer as (B, Hw, F, Dw), which mixes frames into
+heads). `paper` reproduces the reference numerics and is needed to run its released adapters.
+
+Trainable: prefix, both gates, rmsnorm_k/v, down/up, Q_d, Q_h (every name that starts with `adapter_`).
+Frozen: the whole LLaMA and the Whisper key/value projections.
+"""
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from model import Block, CausalSelfAttention, Config, LLaMA, RMSNorm, load_weights, upcast
+
+VARIANTS = {  # name → (rank r: the bottleneck is W // r wide, one down/up pair shared by keys and values)
+    "L": (8, False),   # WL-L: separate down/up for keys and values, 26.40M trainable on 7B + large-v2
+    "M": (16, True),   # WL-M: 7.97M
+    "S": (32, True),   # WL-S: 4.89M
+}
+
+
+@dataclass
+class WLConfig(Config):
+    adapter_prompt_length: int = 10  # L: prefix length of AiL (the paper's "big adapter" uses 40)
+    adapter_start_layer: int = 2  # blocks before this one are plain LLaMA blocks
+    variant: str = "M"  # L / M / S, see VARIANTS
+    kv_layout: str = "heads"  # how k̂/v̂ are split into Whisper heads: "heads" or "paper"
+    adapter_norm_eps: float = 1e-5  # RMSNorm eps of the adapter norms (the reference code used 1e-5)
+    # The Whisper model whose encoder features are fused (set from its dimensions).
+    whisper_width: int = 1280  # W
+    whisper_heads: int = 20  # Hw
+    whisper_layers: int = 32  # decoder depth, for the LLaMA block → Whisper block mapping
+    # Ablations (paper Table 2)
+    use_whisper: bool = True  # False: text-only adapter (AiL only)
+    random_audio: bool = False  # replace the audio features with standard normal noise
+    identity_init: bool = True  # False: down/up/Q_d/Q_h drawn from a standard normal
+
+    def __post_init__(self):
+        super().__post_init__()
+        if self.variant not in VARIANTS:
+            raise ValueError(f"variant must be one of {', '.join(VARIANTS)}, got {self.variant!r}")
+        if self.kv_layout not in ("heads", "paper"):
+            raise ValueError(f"kv_layout must be 'heads' or 'paper', got {self.kv_layout!r}")
+        if self.use_whisper:
+            if self.whisper_width % self.whisper_heads:
+                raise ValueError("whisper_width must be divisible by whisper_heads")
+            if self.whisper_heads > self.n_head or self.whisper_head_size > self.head_size:
+                raise ValueError(
+                    f"Whisper heads ({self.whisper_heads} × {self.whisper_head_size}) must fit into the LLM's "
+                    f"heads ({self.n_head} × {self.head_size}) for the padding template")
+
+    @property
+    def whisper_head_size(self) -> int:
+        return self.whisper_width // self.whisper_heads
+
+    @property
+    def adapter_rank(self) -> int:
+        return VARIANTS[self.variant][0]
+
+    @property
+    def shared_down_up(self) -> bool:
+        return VARIANTS[self.variant][1]
+
+    def whisper_block(self, i: int) -> int:
+        """The Whisper decoder block whose cross-attention k/v projections LLaMA block i copies."""
+        return i if self.whisper_layers == self.n_layer else (i * self.whisper_layers) // self.n_layer
+
+
+def eye_(weight: torch.Tensor) -> torch.Tensor:
+    """Zeros with ones on the principal diagonal, for rectangular matrices too (the paper's init)."""
+    with torch.no_grad():
+        weight.zero_()
+        weight.fill_diagonal_(1.0)
+    return weight
+
+
+def prefix_attention(q, k_p, v_p):
+    """AiL: every query attends to the L prefix positions, no mask.
+    q (B, H, T, D); k_p, v_p (1, G, L, D), shared across the batch."""
+    B, H = q.shape[:2]
+    k_p, v_p = k_p.expand(B, -1, -1, -1), v_p.expand(B, -1, -1, -1)  # views, no copy
+    return F.scaled_dot_product_attention(q, k_p, v_p, enable_gqa=k_p.shape[1] != H)
+
+
+def whisper_attention(q: torch.Tensor, k_hat: torch.Tensor, v_hat: torch.Tensor) -> torch.Tensor:
+    """softmax(q K_padᵀ / √D) V_pad without building K_pad or V_pad.
+
+    q: (B, H, T, D), already transformed by Q_d and Q_h. k_hat, v_hat: (B, Hw, F, Dw).
+    K_pad/V_pad (B, H, F, D) would be: every head the F×D identity, with [:Hw, :, :Dw] = k̂ (v̂).
+    Returns (B, H, T, D)."""
+    B, H, T, D = q.shape
+    Hw, F_, Dw = k_hat.shape[1:]
+    n = min(F_, D)  # frames that have a 1 somewhere in a head's identity (frame t has it in column t)
+    scale = 1.0 / math.sqrt(D)
+    q = q * scale
+
+    # Whisper heads: columns < Dw come from k̂; columns in [Dw, D) are the identity, so the key of frame f
+    # has a single 1 in column f when Dw <= f < D: it adds q[..., f] to that frame's score.
+    scores = q[:, :Hw, :, :Dw] @ k_hat.transpose(-1, -2)  # (B, Hw, T, F)
+    tail = slice(Dw, max(Dw, n))
+    scores[..., tail] += q[:, :Hw, :, tail]
+    probs = scores.softmax(dim=-1)
+    y_real = probs @ v_hat  # (B, Hw, T, Dw)
+    # Output column d in [Dw, D) sums probs[f] · V_pad[f, d] = probs[d] (the identity), 0 when d >= F.
+    y_real = torch.cat((y_real, probs[..., tail], q.new_zeros(B, Hw, T, D - max(Dw, n))), dim=-1)
+    if H == Hw:
+        return y_real
+
+    # Padding heads: the key of frame f is e_f for f < n and all-zero beyond, so the scores are
+    # q[..., :n] followed by F - n zeros. Those zeros act together like one extra score of log(F - n).
+    s = q[:, Hw:, :, :n]
+    if F_ > n:
+        s = torch.cat((s, s.new_full((*s.shape[:-1], 1), math.log(F_ - n))), dim=-1)
+    p = s.softmax(dim=-1)[..., :n]
+    y_pad = F.pad(p, (0, D - n))  # output column d = probs[d] for d < n
+    return torch.cat((y_real, y_pad), dim=1)
+
+
+class AdapterAttention(CausalSelfAttention):
+    """LLaMA's attention plus AiL (prefix) and AiW (Whisper) branches; see the module docstring."""
+
+    def __init__(self, config: WLConfig):
+        super().__init__(config)
+        self.config = config
+        C, H, D = config.n_embd, config.n_head, config.head_size
+        # AiL: the learnable prefix and its zero-initialised gate.
+        self.adapter_prefix = nn.Embedding(config.adapter_prompt_length, C)
+        self.adapter_gate_prefix = nn.Parameter(torch.zeros(1))
+        if config.use_whisper:
+            W, r = config.whisper_width, config.adapter_rank
+            # Frozen copies of Whisper's cross-attention projections (filled by build_model).
+            self.whisper_key = nn.Linear(W, W, bias=False)
+            self.whisper_value = nn.Linear(W, W, bias=True)
+            # AiW: trained re-alignment of Whisper's keys/values (an auto-encoder with a W/r bottleneck).
+            self.adapter_norm_k = RMSNorm(W, config.adapter_norm_eps)
+            self.adapter_norm_v = RMSNorm(W, config.adapter_norm_eps)
+            self.adapter_down_k = nn.Linear(W, W // r, bias=False)
+            self.adapter_up_k = nn.Linear(W // r, W, bias=False)
+            if not config.shared_down_up:  # WL-L: the values get their own pair
+                self.adapter_down_v = nn.Linear(W, W // r, bias=False)
+                self.adapter_up_v = nn.Linear(W // r, W, bias=False)
+            # Query re-alignment: q' = q Q_d within each head, then q'' mixes heads with Q_h.
+            self.adapter_q_dim = nn.Parameter(torch.empty(D, D))
+            self.adapter_q_head = nn.Parameter(torch.empty(H, H))
+            self.adapter_gate_whisper = nn.Parameter(torch.ones(1))
+        self.prefix_cache = None  # (k_p, v_p) while decoding
+        self.whisper_cache = None  # (k̂, v̂) while decoding: they depend only on the audio
+        self.reset_adapter_parameters()
+
+    def reset_adapter_parameters(self):
+        c = self.config
+        # lit-llama's LLaMA-Adapter leaves the prefix at nn.Embedding's default init (its gate is 0).
+        nn.init.normal_(self.adapter_prefix.weight)
+        nn.init.zeros_(self.adapter_gate_prefix)
+        if not c.use_whisper:
+            return
+        nn.init.ones_(self.adapter_gate_whisper)
+        nn.init.ones_(self.adapter_norm_k.weight)
+        nn.init.ones_(self.adapter_norm_v.weight)
+        matrices = [self.adapter_down_k.weight, self.adapter_up_k.weight, self.adapter_q_dim, self.adapter_q_head]
+        if not c.shared_down_up:
+            matrices += [self.adapter_down_v.weight, self.adapter_up_v.weight]
+        for m in matrices:
+            # nn.Linear stores (out, in) and computes x Wᵀ; the diagonal is the same either way.
+            eye_(m) if c.identity_init else nn.init.normal_(m)
+
+    def prefix_kv(self):
+        """Prefix keys/values from the block's frozen qkv applied to RMSNorm(P): (1, G, L, D) each.
+        The RMSNorm has no trained scale (the reference code never trains it: its scale stays 1)."""
+        p = self.adapter_prefix.weight[None]  # (1, L, C)
+        p = F.rms_norm(upcast(p), (p.shape[-1],), eps=self.config.adapter_norm_eps).to(p.dtype)
+        _, k_p, v_p = self.split_heads(self.qkv(p))
+        return k_p, v_p  # no RoPE: the prefix has no position
+
+    def whisper_kv(self, audio: torch.Tensor):
+        """k̂, v̂ (B, Hw, F, Dw) from audio features (B, F, W)."""
+        c = self.config
+        audio = audio.to(self.whisper_key.weight.dtype)
+        down_v = self.adapter_down_k if c.shared_down_up else self.adapter_down_v
+        up_v = self.adapter_up_k if c.shared_down_up else self.adapter_up_v
+        k = self.adapter_up_k(F.silu(self.adapter_down_k(self.adapter_norm_k(self.whisper_key(audio)))))
+        v = up_v(F.silu(down_v(self.adapter_norm_v(self.whisper_value(audio)))))
+        return self.split_whisper_heads(k), self.split_whisper_heads(v)
+
+    def split_whisper_heads(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, F, W) → (B, Hw, F, Dw)."""
+        B, F_, W = x.shape
+        Hw, Dw = self.config.whisper_heads, self.config.whisper_head_size
+        if self.config.kv_layout == "paper":
+            return x.reshape(B, Hw, F_, Dw)  # the reference's reinterpretation of the (B, F, W) buffer
+        return x.view(B, F_, Hw, Dw).transpose(1, 2)
+
+    def transform_query(self, q: torch.Tensor) -> torch.Tensor:
+        """q'' [b, h, t, :] = Σ_h' (q Q_d)[b, h', t, :] · Q_h[h', h]."""
+        return torch.einsum("bitd,ih->bhtd", q @ self.adapter_q_dim, self.adapter_q_head)
+
+    def forward(self, x, cos, sin, mask=None, input_pos=None, audio=None):
+        q, y = self.attend(x, cos, sin, mask, input_pos)
+        decoding = input_pos is not None
+
+        k_p, v_p = self.prefix_cache if decoding and self.prefix_cache else self.prefix_kv()
+        if decoding:
+            self.prefix_cache = (k_p, v_p)
+        y = y + (self.adapter_gate_prefix * prefix_attention(q, k_p, v_p)).to(y.dtype)
+
+        if self.config.use_whisper:
+            if decoding and audio is None:
+                if self.whisper_cache is None:
+                    raise RuntimeError("pass audio features with the first decoding step")
+                k_hat, v_hat = self.whisper_cache
+            else:
+                if audio is None:
+                    raise ValueError("this model fuses audio: pass audio features (B, F, W)")
+                k_hat, v_hat = self.whisper_kv(audio)
+                if decoding:
+                    self.whisper_cache = (k_hat, v_hat)
+            y_w = whisper_attention(self.transform_query(q), k_hat, v_hat)
+            y = y + (self.adapter_gate_whisper * y_w).to(y.dtype)
+        return self.project(y)
+
+
+class AdapterBlock(Block):
+    def __init__(self, config: WLConfig):
+        super().__init__(config)
+        self.attn = AdapterAttention(config)
+
+
+class WhisperingLLaMA(LLaMA):
+    """LLaMA whose blocks from `adapter_start_layer` on carry AiL and AiW."""
+
+    def __init__(self, config: WLConfig):
+        nn.Module.__init__(self)  # LLaMA.__init__ builds plain blocks; we choose per layer
+        self.config = config
+        self.transformer = nn.ModuleDict(dict(
+            wte=nn.Embedding(config.vocab_size, config.n_embd),
+            h=nn.ModuleList(
+                AdapterBlock(config) if i >= config.adapter_start_layer else Block(config)
+                for i in range(config.n_layer)
+            ),
+            ln_f=RMSNorm(config.n_embd, config.norm_eps),
+        ))
+        self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
+        if config.tie_embeddings:
+            self.lm_head.weight = self.transformer.wte.weight
+        for name, module in self.named_modules():
+            if isinstance(module, (nn.Linear, nn.Embedding)) and "adapter_" not in name:
+                LLaMA._init_weights(module)
+        self._rope = None
+        self._causal_mask = None
+
+    def adapter_blocks(self):
+        return [b for b in self.transformer.h if isinstance(b, AdapterBlock)]
+
+    def set_kv_cache(self, *args, **kwargs):
+        super().set_kv_cache(*args, **kwargs)
+        self.clear_adapter_cache()
+
+    def clear_kv_cache(self):
+        super().clear_kv_cache()
+        self.clear_adapter_cache()
+
+    def clear_adapter_cache(self):
+        for block in self.adapter_blocks():
+            block.attn.prefix_cache = block.attn.whisper_cache = None
+
+    def forward(self, idx, audio=None, input_pos=None, logits_mask=None):
+        """idx (B, T), audio (B, F, W) encoder features → logits (as LLaMA.forward).
+
+        While decoding (input_pos given) pass audio with the first step only: k̂/v̂ are cached."""
+        if audio is not None and self.config.random_audio:  # ablation: the audio carries no information
+            audio = torch.randn(audio.shape, device=audio.device, dtype=torch.float32)
+        x, cos, sin, mask = self.prepare(idx, input_pos)
+        for block in self.transformer.h:
+            if isinstance(block, AdapterBlock):
+                x = block(x, cos, sin, mask, input_pos, audio=audio)
+            else:
+                x = block(x, cos, sin, mask, input_pos)
+        return self.head(x, logits_mask)
+
+
+# ------------------------------------------------------------------------------------------------------
+# Construction, trainable state, checkpoints
+# ------------------------------------------------------------------------------------------------------
+
+def wl_config(llm_config: Config, whisper_dims=None, **overrides) -> WLConfig:
+    """The adapter config for an LLM config and a Whisper model's dimensions (whisper_model.ModelDimensions)."""
+    kwargs = dict(llm_config.to_dict())
+    if whisper_dims is not None:
+        kwargs.update(whisper_width=whisper_dims.n_audio_state, whisper_heads=whisper_dims.n_audio_head,
+                      whisper_layers=whisper_dims.n_text_layer)
+    kwargs.update(overrides)
+    return WLConfig.from_dict(kwargs)
+
+
+@torch.no_grad()
+def copy_whisper_projections(model: WhisperingLLaMA, whisper) -> None:
+    """Copy the cross-attention key/value projections of the mapped Whisper decoder blocks (frozen)."""
+    from whisper_model import cross_attention_kv
+
+    for i, block in enumerate(model.transformer.h):
+        if not isinstance(block, AdapterBlock) or not model.config.use_whisper:
+            continue
+        wk, wv, bv = cross_attention_kv(whisper, model.config.whisper_block(i))
+        attn = block.attn
+        attn.whisper_key.weight = nn.Parameter(wk.detach().clone().to(attn.adapter_q_dim.dtype), requires_grad=False)
+        attn.whisper_value.weight = nn.Parameter(wv.detach().clone().to(attn.adapter_q_dim.dtype), requires_grad=False)
+        attn.whisper_value.bias = nn.Parameter(bv.detach().clone().to(attn.adapter_q_dim.dtype), requires_grad=False)
+
+
+def build_model(llm_dir, whisper=None, device="cpu", **overrides) -> WhisperingLLaMA:
+    """A WhisperingLLaMA from a converted LLM checkpoint folder and a Whisper model (whisper_model.Whisper)
+    whose cross-attention projections are copied. The adapters get the paper's initialisation
+    (or the ablation's)."""
+    import json
+
+    from safetensors.torch import load_file
+
+    llm_dir = Path(llm_dir)
+    llm_config = Config.from_dict(json.loads((llm_dir / "config.json").read_text()))
+    dims = whisper.dims if whisper is not None else None
+    if dims is None:
+        overrides.setdefault("use_whisper", False)
+    config = wl_config(llm_config, dims, **overrides)
+    with torch.device("meta"):
+        model = WhisperingLLaMA(config)
+    missing = load_weights(model, load_file(str(llm_dir / "model.safetensors"), device=str(device)))
+    # Everything the LLM file lacks must be adapter state (built now) or Whisper's (copied below).
+    unexpected = [n for n in missing if "adapter_" not in n and "whisper_" not in n]
+    if unexpected:
+        raise ValueError(f"{llm_dir} lacks {unexpected[0]!r}: does it match config.json?")
+    materialise_adapters(model, device)
+    if config.use_whisper:
+        if whisper is None:
+            raise ValueError("use_whisper=True needs a Whisper model to copy its cross-attention from")
+        copy_whisper_projections(model, whisper)
+    mark_only_adapter_as_trainable(model)
+    return model
+
+
+def materialise_adapters(model: WhisperingLLaMA, device="cpu"):
+    """Give the adapter parameters (still on the meta device after loading the LLM) real storage and
+    their initial values."""
+    for block in model.adapter_blocks():
+        attn = block.attn
+        for name, module in list(attn.named_modules()):
+            for pname, p in list(module.named_parameters(recurse=False)):
+                if p.is_meta:
+                    setattr(module, pname, nn.Parameter(torch.empty(p.shape, device=device, dtype=torch.float32)))
+        attn.reset_adapter_parameters()
+
+
+def is_adapter_param(name: str) -> bool:
+    return ".adapter_" in name or name.startswith("adapter_")
+
+
+def mark_only_adapter_as_trainable(model: nn.Module) -> None:
+    for name, p in model.named_parameters():
+        p.requires_grad = is_adapter_param(name)
+
+
+def adapter_state_dict(model: nn.Module) -> dict:
+    """Only the trained tensors: a few MB, independent of the LLM's size."""
+    return {name: p.detach() for name, p in model.named_parameters() if is_adapter_param(name)}
+
+
+def load_adapter_state(model: nn.Module, state: dict) -> None:
+    """Load adapter tensors saved by `adapter_state_dict` (or converted by `from_reference_names`)."""
+    own = {name: p for name, p in model.named_parameters() if is_adapter_param(name)}
+    missing = sorted(set(own) - set(state))
+    extra = sorted(set(state) - set(own))
+    if missing or extra:
+        what = f"missing {missing[0]!r}" if missing else f"unexpected {extra[0]!r}"
+        raise ValueError(f"adapter checkpoint does not match the model ({what}): check variant and start layer")
+    with torch.no_grad():
+        for name, p in own.items():
+            if tuple(state[name].shape) != tuple(p.shape):
+                raise ValueError(f"adapter tensor {name!r} has shape {tuple(state[name].shape)}, "
+                                 f"the model expects {tuple(p.shape)}: check variant and model sizes")
+            p.copy_(state[name].to(p.dtype))
+
+
+# The reference research code (a lit-llama fork) names the same tensors differently and stores the
+# down/up projections as right-multiplied matrices (x @ M), i.e. transposed relative to nn.Linear:
+#     reference name (in transformer.h.{i}.attn.)   this project            transform
+REFERENCE_NAMES = {
+    "adapter_wte.weight": ("adapter_prefix.weight", False),
+    "gating_factor": ("adapter_gate_prefix", False),
+    "projection_gating_factor": ("adapter_gate_whisper", False),
+    "projection_rms_key.scale": ("adapter_norm_k.weight", False),
+    "projection_rms_value.scale": ("adapter_norm_v.weight", False),
+    "projection_key_matrix_down": ("adapter_down_k.weight", True),
+    "projection_key_matrix_up": ("adapter_up_k.weight", True),
+    "projection_value_matrix_down": ("adapter_down_v.weight", True),  # WL-L only
+    "projection_value_matrix_up": ("adapter_up_v.weight", True),  # WL-L only
+    "projection_query_matrix_128to128": ("adapter_q_dim", False),
+    "projection_query_matrix_32to32": ("adapter_q_head", False),
+}
+
+
+def from_reference_names(state: dict) -> dict:
+    """Rename an adapter checkpoint saved by the reference code (`kv_layout="paper"` reproduces it).
+    Its keys look like `transformer.h.5.attn.projection_key_matrix_down`."""
+    out = {}
+    for name, tensor in state.items():
+        prefix, _, leaf = name.partition(".attn.")
+        if leaf not in REFERENCE_NAMES:
+            raise ValueError(f"unknown tensor {name!r} in the reference adapter checkpoint")
+        ours, transpose = REFERENCE_NAMES[leaf]
+        out[f"{prefix}.attn.{ours}"] = tensor.t().contiguous() if transpose else tensor
+    return out
+
+
+def load_adapter_file(model: nn.Module, path) -> None:
+    """Load an adapter checkpoint: this project's .safetensors, or the reference code's .pth."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"adapter checkpoint {path} not found")
+    if path.suffix == ".safetensors":
+        from safetensors.torch import load_file
+
+        state = load_file(str(path))
+    else:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+        if any(".attn.projection_" in k or ".attn.adapter_wte" in k for k in state):
+            state = from_reference_names(state)
+    load_adapter_state(model, state)

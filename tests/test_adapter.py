@@ -1,0 +1,211 @@
+import math
+
+import pytest
+import torch
+
+import adapter as A
+import model as M
+from wl_reference import literal_forward, literal_whisper_branch, padded_template, softmax_attention
+
+# (n_head, n_query_groups, n_embd, whisper_heads, whisper_width): H = Hw / H > Hw, D = Dw / D > Dw, GQA or not
+SHAPES = {
+    "H>Hw,D>Dw,gqa": (4, 2, 64, 2, 16),    # D=16, Dw=8
+    "H=Hw,D=Dw,mha": (4, 4, 64, 4, 64),    # D=16, Dw=16
+    "H>Hw,D=Dw,gqa": (4, 1, 64, 3, 48),    # D=16, Dw=16
+    "H=Hw,D>Dw,mha": (2, 2, 32, 2, 16),    # D=16, Dw=8
+}
+
+
+def make_model(shape, layout="heads", variant="M", seed=0, **overrides):
+    torch.manual_seed(seed)
+    H, G, C, Hw, W = SHAPES[shape]
+    cfg = A.WLConfig(name="t", block_size=64, vocab_size=97, n_layer=3, n_head=H, n_query_groups=G, n_embd=C,
+                     intermediate_size=2 * C, adapter_start_layer=1, adapter_prompt_length=3, variant=variant,
+                     kv_layout=layout, whisper_width=W, whisper_heads=Hw, whisper_layers=2, **overrides)
+    model = A.WhisperingLLaMA(cfg).double()
+    # Move every adapter tensor away from its initial value, so no term of the formula hides behind an
+    # identity or a zero gate.
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "adapter_" in name or "whisper_" in name:
+                p.add_(0.3 * torch.randn_like(p))
+    A.mark_only_adapter_as_trainable(model)
+    return model
+
+
+@pytest.mark.parametrize("H,Hw,D,Dw,F", [
+    (4, 2, 16, 8, 40), (4, 4, 16, 16, 40), (4, 2, 16, 8, 12), (4, 2, 16, 8, 5), (3, 3, 8, 4, 6), (5, 2, 8, 8, 3),
+])
+def test_fast_whisper_attention_equals_padded_template(H, Hw, D, Dw, F):
+    """Covers F >= D, Dw < F < D (partial identity tail) and F < Dw."""
+    torch.manual_seed(0)
+    B, T = 2, 5
+    q = torch.randn(B, H, T, D, dtype=torch.float64, requires_grad=True)
+    k_hat = torch.randn(B, Hw, F, Dw, dtype=torch.float64, requires_grad=True)
+    v_hat = torch.randn(B, Hw, F, Dw, dtype=torch.float64, requires_grad=True)
+    fast = A.whisper_attention(q, k_hat, v_hat)
+    slow = softmax_attention(q, padded_template(k_hat, H, D), padded_template(v_hat, H, D))
+    torch.testing.assert_close(fast, slow, atol=1e-10, rtol=1e-10)
+    g = torch.randn_like(fast)
+    grads_fast = torch.autograd.grad(fast, (q, k_hat, v_hat), g)
+    grads_slow = torch.autograd.grad(slow, (q, k_hat, v_hat), g)
+    for a, b in zip(grads_fast, grads_slow):
+        torch.testing.assert_close(a, b, atol=1e-10, rtol=1e-10)
+
+
+def test_paper_layout_mixes_frames_into_heads():
+    """`paper` reinterprets the contiguous (B, F, W) buffer; `heads` splits the width. They differ."""
+    model = make_model("H>Hw,D>Dw,gqa", layout="paper")
+    attn = model.transformer.h[1].attn
+    x = torch.arange(2 * 6 * 16, dtype=torch.float64).view(2, 6, 16)
+    paper = attn.split_whisper_heads(x)
+    assert torch.equal(paper[0, 0, 0], x[0, 0, :8]) and torch.equal(paper[0, 0, 1], x[0, 0, 8:])
+    attn.config.kv_layout = "heads"
+    heads = attn.split_whisper_heads(x)
+    assert torch.equal(heads[0, 1, 0], x[0, 0, 8:]) and torch.equal(heads[0, 0, 1], x[0, 1, :8])
+
+
+@pytest.mark.parametrize("layout", ["heads", "paper"])
+@pytest.mark.parametrize("shape", list(SHAPES))
+def test_training_forward_and_grads_match_literal(shape, layout):
+    model = make_model(shape, layout)
+    W = model.config.whisper_width
+    idx = torch.randint(0, 97, (2, 7))
+    audio = torch.randn(2, 20, W, dtype=torch.float64)
+    fast = model(idx, audio)
+    slow = literal_forward(model, idx, audio)
+    torch.testing.assert_close(fast, slow, atol=1e-9, rtol=1e-7)
+    g = torch.randn_like(fast)
+    params = [p for p in model.parameters() if p.requires_grad]
+    grads_fast = torch.autograd.grad(fast, params, g)
+    grads_slow = torch.autograd.grad(slow, params, g)
+    names = [n for n, p in model.named_parameters() if p.requires_grad]
+    for n, a, b in zip(names, grads_fast, grads_slow):
+        torch.testing.assert_close(a, b, atol=1e-9, rtol=1e-7, msg=lambda m: f"{n}: {m}")
+
+
+@pytest.mark.parametrize("layout", ["heads", "paper"])
+@pytest.mark.parametrize("shape", ["H>Hw,D>Dw,gqa", "H=Hw,D=Dw,mha"])
+def test_cached_decoding_matches_literal(shape, layout):
+    """Prefill, then one token at a time with audio given only at the first step (k̂/v̂ cached)."""
+    model = make_model(shape, layout).eval()
+    idx = torch.randint(0, 97, (2, 9))
+    audio = torch.randn(2, 20, model.config.whisper_width, dtype=torch.float64)
+    with torch.no_grad():
+        slow = literal_forward(model, idx, audio)
+        model.set_kv_cache(batch_size=2, max_seq_length=16, dtype=torch.float64)
+        out = [model(idx[:, :4], audio, input_pos=torch.arange(4))]
+        for t in range(4, 9):
+            out.append(model(idx[:, t:t + 1], input_pos=torch.tensor([t])))
+    torch.testing.assert_close(torch.cat(out, 1), slow, atol=1e-9, rtol=1e-7)
+    # the cache really is used: later steps read k̂ computed at the first step
+    assert all(b.attn.whisper_cache is not None for b in model.adapter_blocks())
+
+
+def test_fp32_fast_path_within_1e5_of_literal():
+    model = make_model("H>Hw,D>Dw,gqa").float()
+    idx = torch.randint(0, 97, (2, 7))
+    audio = torch.randn(2, 30, model.config.whisper_width)
+    with torch.no_grad():
+        torch.testing.assert_close(model(idx, audio), literal_forward(model, idx, audio), atol=1e-5, rtol=1e-5)
+
+
+def test_wl_l_separate_down_up_matches_literal():
+    model = make_model("H>Hw,D>Dw,gqa", variant="L")
+    assert hasattr(model.transformer.h[1].attn, "adapter_down_v")
+    idx = torch.randint(0, 97, (1, 5))
+    audio = torch.randn(1, 12, 16, dtype=torch.float64)
+    torch.testing.assert_close(model(idx, audio), literal_forward(model, idx, audio), atol=1e-9, rtol=1e-7)
+
+
+def test_zero_gates_give_the_base_llm_exactly():
+    """At initialisation gate_L = 0; with gate_W set to 0 as well the adapter is a no-op."""
+    torch.manual_seed(0)
+    cfg = M.Config.from_name("tiny")
+    base = M.LLaMA(cfg).eval()
+    wl = A.WhisperingLLaMA(A.wl_config(cfg, whisper_width=32, whisper_heads=2, whisper_layers=2,
+                                       adapter_start_layer=1)).eval()
+    assert len(wl.adapter_blocks()) == 1
+    missing = M.load_weights(wl, base.state_dict())
+    assert all("adapter_" in n or "whisper_" in n for n in missing)
+    A.materialise_adapters(wl)
+    idx = torch.randint(0, cfg.vocab_size, (2, 11))
+    audio = torch.randn(2, 50, 32)
+    for b in wl.adapter_blocks():
+        assert b.attn.adapter_gate_prefix.item() == 0.0 and b.attn.adapter_gate_whisper.item() == 1.0
+        b.attn.whisper_key.weight.data.normal_()
+    with torch.no_grad():
+        assert not torch.allclose(wl(idx, audio), base(idx))  # gate_W = 1: the untrained fusion acts
+        for b in wl.adapter_blocks():
+            b.attn.adapter_gate_whisper.data.zero_()
+        assert torch.equal(wl(idx, audio), base(idx))
+
+
+def test_identity_initialisation():
+    cfg = A.wl_config(M.Config.from_name("tiny"), whisper_width=48, whisper_heads=3, whisper_layers=2,
+                      adapter_start_layer=1)
+    attn = A.WhisperingLLaMA(cfg).transformer.h[1].attn
+    down = attn.adapter_down_k.weight  # (W/r, W) = (3, 48)
+    assert down.shape == (3, 48) and torch.equal(down, torch.eye(3, 48))
+    assert torch.equal(attn.adapter_up_k.weight, torch.eye(48, 3))
+    assert torch.equal(attn.adapter_q_dim, torch.eye(16)) and torch.equal(attn.adapter_q_head, torch.eye(4))
+    rnd = A.WhisperingLLaMA(A.wl_config(M.Config.from_name("tiny"), whisper_width=48, whisper_heads=3,
+                                        whisper_layers=2, adapter_start_layer=1,
+                                        identity_init=False)).transformer.h[1].attn
+    assert not torch.equal(rnd.adapter_q_dim, torch.eye(16))
+
+
+@pytest.mark.parametrize("variant, use_whisper, prompt_length, expected", [
+    ("M", True, 10, 7_971_900),    # paper: WL-M 7.97M
+    ("L", True, 10, 26_403_900),   # paper: WL-L 26.40M
+    ("S", True, 10, 4_899_900),    # paper: WL-S 4.89M
+    ("M", False, 10, 1_228_830),   # paper: text-only adapter 1.22M
+])
+def test_trainable_counts_llama7b_whisper_large_v2(variant, use_whisper, prompt_length, expected):
+    cfg = A.wl_config(M.Config.from_name("llama-7b"), whisper_width=1280, whisper_heads=20, whisper_layers=32,
+                      variant=variant, use_whisper=use_whisper, adapter_prompt_length=prompt_length)
+    with torch.device("meta"):
+        model = A.WhisperingLLaMA(cfg)
+    A.mark_only_adapter_as_trainable(model)
+    assert sum(p.numel() for p in model.parameters() if p.requires_grad) == expected
+    if use_whisper:  # the frozen Whisper projections are there too, but not trained
+        assert not model.transformer.h[2].attn.whisper_key.weight.requires_grad
+
+
+def test_layer_mapping():
+    cfg = A.wl_config(M.Config.from_name("smollm2-135m"), whisper_width=384, whisper_heads=6, whisper_layers=4)
+    assert [cfg.whisper_block(i) for i in (0, 7, 8, 15, 29)] == [0, 0, 1, 2, 3]
+    same = A.wl_config(M.Config.from_name("llama-7b"), whisper_width=1280, whisper_heads=20, whisper_layers=32)
+    assert [same.whisper_block(i) for i in range(32)] == list(range(32))
+
+
+def test_bad_shapes_are_rejected():
+    with pytest.raises(ValueError, match="must fit"):
+        A.wl_config(M.Config.from_name("tiny"), whisper_width=96, whisper_heads=6, whisper_layers=2)
+    with pytest.raises(ValueError, match="variant"):
+        A.wl_config(M.Config.from_name("tiny"), whisper_width=32, whisper_heads=2, variant="XL")
+
+
+def test_adapter_state_roundtrip_and_reference_names(tmp_path):
+    model = make_model("H>Hw,D>Dw,gqa", layout="paper").float()
+    state = A.adapter_state_dict(model)
+    assert state and all("adapter_" in k for k in state)
+    assert not any("whisper_key" in k or "qkv" in k for k in state)
+    fresh = make_model("H>Hw,D>Dw,gqa", layout="paper", seed=1).float()
+    A.load_adapter_state(fresh, state)
+    for k, v in A.adapter_state_dict(fresh).items():
+        assert torch.equal(v, state[k])
+    # The reference code's names and right-multiplied down/up matrices.
+    inverse = {ours: (theirs, t) for theirs, (ours, t) in A.REFERENCE_NAMES.items()}
+    reference = {}
+    for k, v in state.items():
+        prefix, _, leaf = k.partition(".attn.")
+        theirs, transpose = inverse[leaf]
+        reference[f"{prefix}.attn.{theirs}"] = v.t().clone() if transpose else v.clone()
+    torch.save(reference, tmp_path / "ref.pth")
+    other = make_model("H>Hw,D>Dw,gqa", layout="paper", seed=2).float()
+    A.load_adapter_file(other, tmp_path / "ref.pth")
+    for k, v in A.adapter_state_dict(other).items():
+        assert torch.equal(v, state[k])
+    with pytest.raises(ValueError, match="does not match"):
+        A.load_adapter_state(make_model("H>Hw,D>Dw,gqa", variant="L"), state)
