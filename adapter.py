@@ -28,11 +28,12 @@ Padding. Whisper's heads (Hw heads of size Dw) are fewer and narrower than LLaMA
 The paper pads them into LLaMA's shape with a template: every head is the F×D matrix with ones on its
 principal diagonal ([t, d] = 1 iff t == d), and the top-left [:Hw, :, :Dw] block holds k̂ (or v̂).
 
-The fast path here never builds that (B, H, F, D) template. Its constant parts contribute in closed form:
-  - for the Hw real heads, the identity tail adds q''[..., f] to the score of frame f for f in [Dw, D),
-    and copies the attention probability of frame d into output column d for d in [Dw, D);
-  - the H - Hw padding heads score q''[..., f] for the first min(F, D) frames and exactly 0 for the rest,
-    so their softmax has a closed form, and their output column d is the probability of frame d.
+The fast path never builds the (B, H, F, D) template:
+  - the H - Hw padding heads are pure template: their key for frame f is the unit vector e_f (f < min(F, D))
+    or zero, so their scores are q''[..., :min(F, D)] followed by zeros, their softmax has a closed form,
+    and their output column d is simply the probability of frame d;
+  - the Hw Whisper heads get k̂ (v̂) with only their own identity tail appended, (B, Hw, F, D), and go
+    through scaled_dot_product_attention, whose fused kernel never materialises the (T × F) scores.
 k̂ and v̂ depend only on the audio, so while decoding they are computed once per utterance and cached
 beside the KV cache (as are the prefix keys/values). tests/test_adapter.py keeps the literal template
 implementation as the oracle for all of this.
@@ -125,38 +126,35 @@ def prefix_attention(q, k_p, v_p):
     return F.scaled_dot_product_attention(q, k_p, v_p, enable_gqa=k_p.shape[1] != H)
 
 
-def whisper_attention(q: torch.Tensor, k_hat: torch.Tensor, v_hat: torch.Tensor) -> torch.Tensor:
-    """softmax(q K_padᵀ / √D) V_pad without building K_pad or V_pad.
+def whisper_attention(q: torch.Tensor, k_tail: torch.Tensor, v_tail: torch.Tensor) -> torch.Tensor:
+    """softmax(q K_padᵀ / √D) V_pad for all H heads, building K_pad/V_pad only for the Hw Whisper heads.
 
-    q: (B, H, T, D), already transformed by Q_d and Q_h. k_hat, v_hat: (B, Hw, F, Dw).
-    K_pad/V_pad (B, H, F, D) would be: every head the F×D identity, with [:Hw, :, :Dw] = k̂ (v̂).
-    Returns (B, H, T, D)."""
+    q: (B, H, T, D), already transformed by Q_d and Q_h. k_tail, v_tail: (B, Hw, F, D) from `identity_tail`,
+    i.e. exactly the Whisper heads of K_pad/V_pad. Returns (B, H, T, D).
+
+    The Whisper heads go through scaled_dot_product_attention, whose fused kernel never materialises the
+    (T × F) score matrix. The H - Hw padding heads are never built: their key for frame f is the unit vector
+    e_f for f < min(F, D) and all-zero beyond, so their scores are q[..., :n] followed by F - n zeros (which
+    act together like one extra score of log(F - n)), and their output column d is the probability of frame d."""
     B, H, T, D = q.shape
-    Hw, F_, Dw = k_hat.shape[1:]
-    n = min(F_, D)  # frames that have a 1 somewhere in a head's identity (frame t has it in column t)
-    scale = 1.0 / math.sqrt(D)
-    q = q * scale
-
-    # Whisper heads: columns < Dw come from k̂; columns in [Dw, D) are the identity, so the key of frame f
-    # has a single 1 in column f when Dw <= f < D: it adds q[..., f] to that frame's score.
-    scores = q[:, :Hw, :, :Dw] @ k_hat.transpose(-1, -2)  # (B, Hw, T, F)
-    tail = slice(Dw, max(Dw, n))
-    scores[..., tail] += q[:, :Hw, :, tail]
-    probs = scores.softmax(dim=-1)
-    y_real = probs @ v_hat  # (B, Hw, T, Dw)
-    # Output column d in [Dw, D) sums probs[f] · V_pad[f, d] = probs[d] (the identity), 0 when d >= F.
-    y_real = torch.cat((y_real, probs[..., tail], q.new_zeros(B, Hw, T, D - max(Dw, n))), dim=-1)
+    Hw, F_ = k_tail.shape[1:3]
+    y_real = F.scaled_dot_product_attention(q[:, :Hw], k_tail, v_tail)  # (B, Hw, T, D)
     if H == Hw:
         return y_real
-
-    # Padding heads: the key of frame f is e_f for f < n and all-zero beyond, so the scores are
-    # q[..., :n] followed by F - n zeros. Those zeros act together like one extra score of log(F - n).
-    s = q[:, Hw:, :, :n]
+    n = min(F_, D)
+    s = q[:, Hw:, :, :n] / math.sqrt(D)
     if F_ > n:
         s = torch.cat((s, s.new_full((*s.shape[:-1], 1), math.log(F_ - n))), dim=-1)
     p = s.softmax(dim=-1)[..., :n]
-    y_pad = F.pad(p, (0, D - n))  # output column d = probs[d] for d < n
-    return torch.cat((y_real, y_pad), dim=1)
+    return torch.cat((y_real, F.pad(p, (0, D - n))), dim=1)
+
+
+def identity_tail(x: torch.Tensor, D: int) -> torch.Tensor:
+    """(B, Hw, F, Dw) → (B, Hw, F, D): columns [Dw, D) hold the template's identity (frame f has its 1 in
+    column f). Only the Whisper heads' part of the padding; the padding heads are handled in closed form."""
+    B, Hw, F_, Dw = x.shape
+    eye = torch.eye(F_, D, dtype=x.dtype, device=x.device)[:, Dw:]
+    return torch.cat((x, eye.expand(B, Hw, F_, D - Dw)), dim=-1)
 
 
 class AdapterAttention(CausalSelfAttention):
@@ -187,7 +185,7 @@ class AdapterAttention(CausalSelfAttention):
             self.adapter_q_head = nn.Parameter(torch.empty(H, H))
             self.adapter_gate_whisper = nn.Parameter(torch.ones(1))
         self.prefix_cache = None  # (k_p, v_p) while decoding
-        self.whisper_cache = None  # (k̂, v̂) while decoding: they depend only on the audio
+        self.whisper_cache = None  # Whisper heads' keys/values while decoding: they depend only on the audio
         self.reset_adapter_parameters()
 
     def reset_adapter_parameters(self):
@@ -216,14 +214,16 @@ class AdapterAttention(CausalSelfAttention):
         return k_p, v_p  # no RoPE: the prefix has no position
 
     def whisper_kv(self, audio: torch.Tensor):
-        """k̂, v̂ (B, Hw, F, Dw) from audio features (B, F, W)."""
+        """Keys and values of the Whisper heads with their identity tail, (B, Hw, F, D) each, from audio
+        features (B, F, W)."""
         c = self.config
         audio = audio.to(self.whisper_key.weight.dtype)
         down_v = self.adapter_down_k if c.shared_down_up else self.adapter_down_v
         up_v = self.adapter_up_k if c.shared_down_up else self.adapter_up_v
         k = self.adapter_up_k(F.silu(self.adapter_down_k(self.adapter_norm_k(self.whisper_key(audio)))))
         v = up_v(F.silu(down_v(self.adapter_norm_v(self.whisper_value(audio)))))
-        return self.split_whisper_heads(k), self.split_whisper_heads(v)
+        D = c.head_size
+        return identity_tail(self.split_whisper_heads(k), D), identity_tail(self.split_whisper_heads(v), D)
 
     def split_whisper_heads(self, x: torch.Tensor) -> torch.Tensor:
         """(B, F, W) → (B, Hw, F, Dw)."""
@@ -250,14 +250,14 @@ class AdapterAttention(CausalSelfAttention):
             if decoding and audio is None:
                 if self.whisper_cache is None:
                     raise RuntimeError("pass audio features with the first decoding step")
-                k_hat, v_hat = self.whisper_cache
+                k_w, v_w = self.whisper_cache
             else:
                 if audio is None:
                     raise ValueError("this model fuses audio: pass audio features (B, F, W)")
-                k_hat, v_hat = self.whisper_kv(audio)
+                k_w, v_w = self.whisper_kv(audio)
                 if decoding:
-                    self.whisper_cache = (k_hat, v_hat)
-            y_w = whisper_attention(self.transform_query(q), k_hat, v_hat)
+                    self.whisper_cache = (k_w, v_w)
+            y_w = whisper_attention(self.transform_query(q), k_w, v_w)
             y = y + (self.adapter_gate_whisper * y_w).to(y.dtype)
         return self.project(y)
 
