@@ -453,6 +453,54 @@ def from_reference_names(state: dict) -> dict:
     return out
 
 
+# The adapter fields of WLConfig: together with the LLM and Whisper checkpoints they rebuild the model.
+ADAPTER_FIELDS = ("adapter_prompt_length", "adapter_start_layer", "variant", "kv_layout", "adapter_norm_eps",
+                  "use_whisper", "random_audio", "identity_init")
+
+
+def save_adapter(model: WhisperingLLaMA, path, llm=None, whisper=None, extra=None) -> Path:
+    """Write the trained tensors to a .safetensors file, atomically, with what is needed to rebuild the
+    model in its metadata: the adapter config and the LLM / Whisper checkpoints it was trained on."""
+    import json
+    import os
+    import tempfile
+
+    from safetensors.torch import save_file
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    meta = {
+        "format": "whispering-llama-adapter",
+        "config": json.dumps({k: getattr(model.config, k) for k in ADAPTER_FIELDS}),
+        "llm": str(llm or ""), "whisper": str(whisper or ""), **{k: str(v) for k, v in (extra or {}).items()},
+    }
+    state = {k: v.detach().float().contiguous().cpu() for k, v in adapter_state_dict(model).items()}
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    os.close(fd)
+    try:
+        save_file(state, tmp, metadata=meta)
+        os.replace(tmp, path)
+    except BaseException:
+        os.unlink(tmp)
+        raise
+    return path
+
+
+def read_adapter_meta(path) -> dict:
+    """{"config": adapter fields, "llm": ..., "whisper": ..., ...} from an adapter file saved by save_adapter
+    (empty dict for a file without that metadata)."""
+    import json
+
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as f:
+        meta = dict(f.metadata() or {})
+    if meta.get("format") != "whispering-llama-adapter":
+        return {}
+    meta["config"] = json.loads(meta.get("config", "{}"))
+    return meta
+
+
 def load_adapter_file(model: nn.Module, path) -> None:
     """Load an adapter checkpoint: this project's .safetensors, or the reference code's .pth."""
     path = Path(path)

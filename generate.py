@@ -1,10 +1,19 @@
-"""Generate text with the LLM: the decoding loop every other script uses.
+"""Correct a speech transcript with Whispering-LLaMA, or generate text with the plain LLM.
 
+    python generate.py --audio x.wav                      # Whisper n-best + audio features → corrected transcript
+    python generate.py --audio x.wav --verbose            # ... also the n-best list and the Whisper 1-best
+    python generate.py --audio clips/ --json              # a folder (or several files, or a manifest)
     python generate.py --prompt "The capital of France is"            # plain continuation, greedy
     python generate.py --prompt "What is 2+2?" --chat                  # wrapped in the model's chat template
     python generate.py --prompt "Once upon a time" --temperature 0.8 --top-k 50 --seed 1
 
-With no --checkpoint-dir the embedded SmolLM2-135M-Instruct is used (converted on first use).
+With --audio: the hypothesis model (--whisper, default the embedded tiny.en) samples the paper's n-best list
+(200 samples, 15 kept), the feature model's encoder gives the audio features, and the adapter (default: the
+best checkpoint of the latest training run under out/) decodes greedily; the corrected transcript is the
+response up to its first newline. Audio longer than 30 s is corrected in 30 s windows, joined. With no trained
+adapter the Whisper 1-best is printed with a one-line notice: an untrained fusion (gate_W = 1) would only
+garble it.
+With --prompt and no --checkpoint-dir the embedded SmolLM2-135M-Instruct is used (converted on first use).
 
 Decoding (`generate`) uses the KV cache: the prompt is run once in a single forward pass that fills the
 cache (prefill), then each new token costs one forward pass over that token alone.
@@ -78,7 +87,8 @@ def generate(model, idx: torch.Tensor, max_new_tokens: int, temperature: float =
     """Extend the prompt idx (T,) by up to max_new_tokens tokens; returns (T + n,).
 
     Generation stops when a token in eos_id (one id or several, e.g. EOS and an end-of-turn token) is
-    drawn; that token is not included. model_kwargs go to every forward call (the adapter's audio)."""
+    drawn; that token is not included. model_kwargs go to the prefill forward only: the adapter's audio,
+    whose keys/values the model caches for the later steps."""
     if idx.dim() != 1 or idx.numel() == 0:
         raise GenerateError("the prompt must be a non-empty 1-D tensor of token ids")
     T = idx.size(0)
@@ -101,7 +111,7 @@ def generate(model, idx: torch.Tensor, max_new_tokens: int, temperature: float =
             tokens.append(next_id)
             if pos + 1 == max_len:
                 break  # the last token's logits would never be used
-            logits = model(next_id[None], input_pos=torch.tensor([pos], device=device), **model_kwargs)[0, -1]
+            logits = model(next_id[None], input_pos=torch.tensor([pos], device=device))[0, -1]
     finally:
         model.clear_kv_cache()
     return torch.cat(tokens)
@@ -145,6 +155,178 @@ def continuation(tokenizer, prompt_ids: torch.Tensor, ids: torch.Tensor) -> str:
     return tokenizer.decode(ids[len(prompt_ids):])
 
 
+# ----------------------------------------------------------------------------------------------------
+# Whispering-LLaMA: audio → n-best + features → corrected transcript
+# ----------------------------------------------------------------------------------------------------
+
+OUT = Path(__file__).resolve().parent / "out"
+
+
+def find_latest_adapter(root=OUT) -> Optional[Path]:
+    """The newest best.safetensors of a training run under out/ (else the newest adapter file there)."""
+    root = Path(root)
+    if not root.is_dir():
+        return None
+    best = sorted(root.rglob("best.safetensors"), key=lambda p: p.stat().st_mtime)
+    if best:
+        return best[-1]
+    from adapter import read_adapter_meta
+
+    files = [p for p in sorted(root.rglob("*.safetensors"), key=lambda p: p.stat().st_mtime) if read_adapter_meta(p)]
+    return files[-1] if files else None
+
+
+def load_wl(adapter=None, llm=None, whisper=None, device="cpu", dtype=None):
+    """(model, tokenizer) of a trained Whispering-LLaMA.
+
+    adapter: a file saved by adapter.save_adapter (train.py's checkpoints); its metadata names the adapter
+    config and the LLM / Whisper it was trained with, which `llm` / `whisper` override. `whisper` is a
+    whisper_model.Whisper or a name/folder: the model whose decoder cross-attention AiW copies (the feature
+    model)."""
+    from adapter import build_model, load_adapter_file, read_adapter_meta
+    from whisper_model import load_whisper
+
+    adapter = Path(adapter)
+    if not adapter.is_file():
+        raise GenerateError(f"adapter checkpoint {adapter} not found")
+    meta = read_adapter_meta(adapter) if adapter.suffix == ".safetensors" else {}
+    llm_dir = convert_checkpoint.ensure_llm(llm or meta.get("llm") or None)
+    if whisper is None or isinstance(whisper, (str, Path)):
+        whisper, _ = load_whisper(whisper or meta.get("whisper") or "tiny.en", device=device)
+    model = build_model(llm_dir, whisper, device=device, **meta.get("config", {}))
+    load_adapter_file(model, adapter)
+    model.eval()
+    if dtype is not None:
+        model = model.to(dtype)
+    return model, Tokenizer.from_dir(llm_dir)
+
+
+def response_text(text: str) -> str:
+    """The corrected transcript: the response up to its first newline (the paper's post-processing)."""
+    return text.strip().split("\n")[0].strip()
+
+
+@torch.inference_mode()
+def correct(model, tokenizer, hypotheses, audio_features, max_new_tokens: int = 150) -> str:
+    """One utterance: its n-best hypotheses and audio features (F, W) or (1, F, W) → corrected transcript.
+    Greedy decoding with the KV cache; the audio's keys/values are computed once, at the prefill."""
+    from prepare_data import build_prompt
+
+    if not hypotheses:
+        raise GenerateError("no hypotheses to correct")
+    audio = audio_features if audio_features.dim() == 3 else audio_features[None]
+    param = next(model.parameters())
+    audio = audio.to(param.device)
+    # Encoded exactly as in training (prepare_data.tokenize_example): BOS, the prompt, no EOS.
+    prompt_ids = tokenizer.encode(build_prompt(hypotheses), bos=True, eos=False).to(param.device)
+    ids = generate(model, prompt_ids, max_new_tokens, temperature=0.0, eos_id=tokenizer.eos_id, audio=audio)
+    return response_text(tokenizer.decode(ids[len(prompt_ids):]))
+
+
+def audio_inputs(paths) -> list:
+    """--audio arguments → audio files: files as given, folders searched for audio, manifests read."""
+    from prepare_data import AUDIO_EXTENSIONS, InputError, read_manifest
+
+    files = []
+    for p in map(Path, paths):
+        if p.is_dir():
+            found = sorted(f for f in p.rglob("*") if f.suffix.lower() in AUDIO_EXTENSIONS and f.is_file())
+            if not found:
+                raise GenerateError(f"{p}: no audio files found")
+            files += found
+        elif p.suffix.lower() in (".jsonl", ".json", ".csv", ".tsv"):
+            try:
+                files += [Path(u.audio) for u in read_manifest(p)]
+            except InputError as e:
+                raise GenerateError(str(e)) from None
+        elif p.is_file():
+            files.append(p)
+        else:
+            raise GenerateError(f"{p} not found")
+    return files
+
+
+def windows(audio, seconds: int = 30, sample_rate: int = 16000) -> list:
+    """Consecutive windows of at most 30 s: Whisper's encoder sees 30 s at a time."""
+    n = seconds * sample_rate
+    return [audio[i:i + n] for i in range(0, len(audio), n)] or [audio]
+
+
+def transcribe_and_correct(path, hyp_model, hyp_tok, feat_model, wl, tokenizer, args) -> dict:
+    """One audio file → dict(file, one_best, nbest, corrected) with 30 s windows joined by spaces."""
+    import whisper_model as wm
+
+    audio = wm.load_audio(path)
+    pieces = windows(audio)
+    mels = torch.stack([wm.log_mel_spectrogram(w, hyp_model.dims.n_mels) for w in pieces])
+    with torch.inference_mode():
+        feats = hyp_model.embed_audio(mels)  # the encoder runs once for all windows of the file
+        one_best = wm.decode_greedy(hyp_model, hyp_tok, feats)
+        if feat_model is hyp_model:
+            wl_feats = feats
+        else:
+            wl_mels = torch.stack([wm.log_mel_spectrogram(w, feat_model.dims.n_mels) for w in pieces])
+            wl_feats = feat_model.embed_audio(wl_mels)
+    result = dict(file=str(path), one_best=" ".join(t.strip() for t in one_best).strip(), nbest=[], corrected=None)
+    if wl is None and not args.verbose:
+        return result
+    corrected = []
+    for i in range(len(pieces)):
+        nbest = wm.sample_nbest(hyp_model, hyp_tok, feats[i:i + 1], n_samples=args.samples, keep=args.nbest,
+                                seed=args.seed)
+        result["nbest"].append([dict(text=t, logprob=lp) for t, lp in nbest])
+        if wl is not None:
+            hyps = [t for t, _ in nbest] or [one_best[i]]
+            corrected.append(correct(wl, tokenizer, hyps, wl_feats[i], args.max_new_tokens))
+    if wl is not None:
+        result["corrected"] = " ".join(c for c in corrected if c).strip()
+    return result
+
+
+def run_audio(args) -> list:
+    """--audio: Whisper n-best → Whispering-LLaMA correction, for every file."""
+    import json
+
+    import whisper_model as wm
+    from adapter import read_adapter_meta
+
+    files = audio_inputs(args.audio)
+    adapter = args.adapter or find_latest_adapter()
+    meta = read_adapter_meta(adapter) if adapter and Path(adapter).suffix == ".safetensors" else {}
+    hyp_model, hyp_tok = wm.load_whisper(args.whisper, device=args.device)
+    feature_name = args.feature_whisper or meta.get("whisper") or args.whisper
+    feat_model = hyp_model if feature_name == args.whisper else wm.load_whisper(feature_name, device=args.device)[0]
+    wl = tokenizer = None
+    if adapter is None:
+        print("notice: no trained adapter found (train one with train.py, or pass --adapter); "
+              "printing the Whisper 1-best, not a correction", file=sys.stderr)
+    else:
+        wl, tokenizer = load_wl(adapter, llm=args.llm, whisper=feat_model, device=args.device)
+    results = []
+    from tqdm import tqdm
+
+    for path in tqdm(files, desc="correcting", unit="file", disable=len(files) < 2 or args.json):
+        try:
+            r = transcribe_and_correct(path, hyp_model, hyp_tok, feat_model, wl, tokenizer, args)
+        except wm.AudioError as e:
+            raise GenerateError(f"{path}: {e}") from None
+        results.append(r)
+        text = r["corrected"] if r["corrected"] is not None else r["one_best"]
+        if args.json:
+            print(json.dumps(r, ensure_ascii=False))
+            continue
+        if args.verbose:
+            print(f"== {path}")
+            for window in r["nbest"]:
+                for h in window:
+                    print(f"  {h['logprob']:9.3f}  {h['text']}")
+            print(f"1-best:    {r['one_best']}")
+            print(f"corrected: {text}")
+        else:
+            print(f"{path}\t{text}" if len(files) > 1 else text)
+    return results
+
+
 def run_text(args) -> str:
     """--prompt without audio: the plain LLM."""
     if not args.prompt.strip():
@@ -166,7 +348,24 @@ def run_text(args) -> str:
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--prompt", required=True, help="text to continue (or, with --chat, the user's message)")
+    parser.add_argument("--audio", nargs="+", default=None,
+                        help="audio file(s), folder(s) or manifest(s) to transcribe and correct")
+    parser.add_argument("--prompt", default=None, help="without --audio: text for the plain LLM to continue "
+                                                       "(or, with --chat, the user's message)")
+    parser.add_argument("--adapter", type=Path, default=None,
+                        help="trained adapter (.safetensors from train.py); default: the best checkpoint of "
+                             "the latest run under out/")
+    parser.add_argument("--llm", type=Path, default=None,
+                        help="LLM checkpoint folder for --audio (default: the one the adapter was trained on)")
+    parser.add_argument("--whisper", default="tiny.en",
+                        help="hypothesis model: Whisper name or folder that produces the n-best (default tiny.en)")
+    parser.add_argument("--feature-whisper", default=None,
+                        help="feature model whose encoder output the adapter attends to (default: the one "
+                             "the adapter was trained with, else --whisper)")
+    parser.add_argument("--nbest", type=int, default=15, help="hypotheses in the prompt (paper: 15)")
+    parser.add_argument("--samples", type=int, default=200, help="Whisper samples drawn for the n-best (paper: 200)")
+    parser.add_argument("--verbose", action="store_true", help="also print the n-best and the 1-best")
+    parser.add_argument("--json", action="store_true", help="one JSON object per file")
     parser.add_argument("--checkpoint-dir", type=Path, default=None,
                         help="converted LLM checkpoint folder (default: the embedded SmolLM2-135M-Instruct)")
     parser.add_argument("--chat", action="store_true", help="wrap the prompt in the model's chat template")
@@ -188,10 +387,15 @@ def main(argv=None):
         parser.error("--temperature must be >= 0")
     if args.top_k is not None and args.top_k < 1:
         parser.error("--top-k must be at least 1")
+    if (args.audio is None) == (args.prompt is None):
+        parser.error("give --audio (correct a transcript) or --prompt (plain LLM), not both or neither")
     torch.manual_seed(args.seed)
     try:
-        print(run_text(args))
-    except (GenerateError, convert_checkpoint.ConversionError, FileNotFoundError, ValueError) as e:
+        if args.audio is not None:
+            run_audio(args)
+        else:
+            print(run_text(args))
+    except (GenerateError, convert_checkpoint.ConversionError, FileNotFoundError, ValueError, OSError) as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(1)
 
