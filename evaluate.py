@@ -1,0 +1,380 @@
+"""Score Whispering-LLaMA adapters on a prepared split: the WER / WERR / GTMR table of the paper's Table 2.
+
+    python evaluate.py                                        # demo test split, latest training run's adapter
+    python evaluate.py --adapter out/a/best.safetensors out/b/best.safetensors --limit 50
+    python evaluate.py --data data/demo --split dev           # with no trained adapter: baseline rows only
+
+Metrics (Radhakrishnan et al., EMNLP 2023, §4):
+  - WER: corpus word error rate, total word errors (substitutions + deletions + insertions, from jiwer)
+    over the total number of reference words; a percentage in the table.
+  - WERR: relative WER reduction, (baseline - WER) / baseline × 100, against two baselines: the n-best
+    oracle (the paper's WERR: per utterance the hypothesis with the fewest errors) and the Whisper 1-best.
+  - GTMR: ground-truth match rate, the % of outputs exactly equal to the ground truth.
+Each is reported three ways, since the references are written text (capitals, digits, punctuation):
+  - raw: the strings as they are (stripped of surrounding whitespace, as the paper's code does);
+  - light: the paper's normalisation, lowercase and remove . , - ? ' (prepare_data.normalize_text);
+  - whisper: OpenAI Whisper's English text normaliser (spelled-out numbers to digits, British to American
+    spelling, contractions expanded, symbols removed), from the `whisper-normalizer` package.
+The oracle is chosen again under each normalisation: which hypothesis is closest depends on it.
+
+Outputs: the Markdown table (printed and written to --out), and beside it a JSONL file with one line per
+utterance: the reference, 1-best, oracle, every adapter's output and the per-utterance word errors.
+"""
+import argparse
+import functools
+import json
+import os
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional
+
+import torch
+from tqdm import tqdm
+
+from prepare_data import PreparedDataset, normalize_text
+
+ROOT = Path(__file__).resolve().parent
+NORMALISATIONS = ("raw", "light", "whisper")
+ONE_BEST, ORACLE = "1-best", "oracle"  # the two baseline rows
+
+
+class EvalError(Exception):
+    """Bad input to the evaluation: a missing data folder or adapter, an empty split, mismatched models."""
+
+
+# ----------------------------------------------------------------------------------------------------
+# Normalisations
+# ----------------------------------------------------------------------------------------------------
+
+def raw(text: str) -> str:
+    """No normalisation beyond surrounding whitespace (the paper's code strips both sides too)."""
+    return text.strip()
+
+
+light_normalize = normalize_text  # the paper's: lowercase, remove . , - ? ' (one definition, in prepare_data)
+
+
+@functools.lru_cache(maxsize=1)
+def _english_normalizer():
+    try:
+        from whisper_normalizer.english import EnglishTextNormalizer
+    except ImportError:
+        raise EvalError("the whisper normalisation needs `pip install whisper-normalizer`") from None
+    return EnglishTextNormalizer()  # reads its British→American spelling table once
+
+
+def whisper_normalize(text: str) -> str:
+    """OpenAI Whisper's EnglishTextNormalizer: "I'm going to the U.S. at 5 PM" → "i am going to the u s at 5 pm"."""
+    return _english_normalizer()(text)
+
+
+NORMALISERS = {"raw": raw, "light": light_normalize, "whisper": whisper_normalize}
+
+
+# ----------------------------------------------------------------------------------------------------
+# Metrics: small pure functions
+# ----------------------------------------------------------------------------------------------------
+
+def word_errors(reference: str, hypothesis: str) -> tuple:
+    """(word errors, reference words) of one pair: substitutions + deletions + insertions after a minimum
+    edit-distance alignment of the whitespace-separated words (jiwer). An empty reference has 0 words, and
+    every hypothesis word is an insertion."""
+    import jiwer
+
+    out = jiwer.process_words(reference, hypothesis)
+    return out.substitutions + out.deletions + out.insertions, out.hits + out.substitutions + out.deletions
+
+
+def corpus_wer(references, hypotheses) -> float:
+    """Corpus WER as a fraction: the total errors over the total reference words (not a mean of
+    per-utterance rates, which would weigh a 3-word utterance like a 30-word one)."""
+    if len(references) != len(hypotheses):
+        raise ValueError(f"{len(references)} references but {len(hypotheses)} hypotheses")
+    counts = [word_errors(r, h) for r, h in zip(references, hypotheses)]
+    words = sum(n for _, n in counts)
+    if words == 0:
+        raise ValueError("the references have no words")
+    return sum(e for e, _ in counts) / words
+
+
+def werr(wer: float, baseline: float) -> Optional[float]:
+    """Relative WER reduction in %, (baseline - wer) / baseline × 100; None when the baseline is 0
+    (nothing to reduce). Negative when `wer` is worse than the baseline."""
+    if baseline == 0:
+        return None
+    return (baseline - wer) / baseline * 100
+
+
+def gtmr(references, outputs) -> float:
+    """Ground-truth match rate in %: how many outputs equal their reference exactly."""
+    if not references:
+        raise ValueError("no utterances")
+    return 100 * sum(r == o for r, o in zip(references, outputs, strict=True)) / len(references)
+
+
+def oracle_index(reference: str, hypotheses) -> int:
+    """The hypothesis with the fewest word errors against the reference (the first of equals: the n-best
+    list is ordered by log-probability, best first)."""
+    if not hypotheses:
+        raise ValueError("no hypotheses to choose from")
+    errors = [word_errors(reference, h)[0] for h in hypotheses]
+    return errors.index(min(errors))
+
+
+@dataclass
+class Scores:
+    """One row of the table under one normalisation. wer is a fraction; the others are percentages."""
+    wer: float
+    werr_oracle: Optional[float]
+    werr_one_best: Optional[float]
+    gtmr: float
+
+
+def score(utterances, outputs=None) -> tuple:
+    """All the metrics for a list of utterances and the outputs of each system.
+
+    utterances: dicts with "text" (the ground truth), "hypotheses" (the n-best list) and "one_best";
+    outputs: {system name: [one output per utterance]}.
+    Returns (table, details): table[system][normalisation] = Scores, with the rows "1-best", "oracle" and one
+    per system; details[i][normalisation] = {"words": reference words, "errors": {system: errors},
+    "oracle": index of the oracle hypothesis (or None when the list is empty and the 1-best stands in)}."""
+    outputs = outputs or {}
+    if not utterances:
+        raise ValueError("no utterances to score")
+    for name, outs in outputs.items():
+        if len(outs) != len(utterances):
+            raise ValueError(f"{name}: {len(outs)} outputs for {len(utterances)} utterances")
+    table = {name: {} for name in (ONE_BEST, ORACLE, *outputs)}
+    details = [{} for _ in utterances]
+    for norm_name, norm in NORMALISERS.items():
+        refs = [norm(u["text"]) for u in utterances]
+        systems = {ONE_BEST: [norm(u["one_best"]) for u in utterances], ORACLE: []}
+        for i, (u, ref) in enumerate(zip(utterances, refs)):
+            hyps = [norm(h) for h in u["hypotheses"]]
+            # every hypothesis may have been the ground truth, removed from the list: the 1-best stands in
+            j = oracle_index(ref, hyps) if hyps else None
+            systems[ORACLE].append(hyps[j] if hyps else systems[ONE_BEST][i])
+            details[i][norm_name] = {"oracle": j}
+        systems.update({name: [norm(o) for o in outs] for name, outs in outputs.items()})
+        counts = {name: [word_errors(r, h) for r, h in zip(refs, hyps)] for name, hyps in systems.items()}
+        words = sum(n for _, n in counts[ONE_BEST])
+        if words == 0:
+            raise ValueError(f"the references have no words after the {norm_name} normalisation")
+        wers = {name: sum(e for e, _ in c) / words for name, c in counts.items()}
+        for name, hyps in systems.items():
+            table[name][norm_name] = Scores(wers[name], werr(wers[name], wers[ORACLE]),
+                                            werr(wers[name], wers[ONE_BEST]), gtmr(refs, hyps))
+        for i, d in enumerate(details):
+            d[norm_name].update(words=counts[ONE_BEST][i][1], errors={name: c[i][0] for name, c in counts.items()})
+    return table, details
+
+
+def best_system(table, names, by="raw") -> str:
+    """The system among `names` with the lowest WER under normalisation `by` (ties: the first given)."""
+    return min(names, key=lambda n: table[n][by].wer)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Report: the Markdown table and the per-utterance JSONL
+# ----------------------------------------------------------------------------------------------------
+
+def _pct(x: Optional[float]) -> str:
+    return "-" if x is None else f"{x:.2f}"
+
+
+def format_table(table, title="", best=None, select="raw") -> str:
+    """The paper's Table 2 in Markdown: a row per system, for each normalisation WER (%), WERR (%) against the
+    oracle and against the 1-best, and GTMR (%)."""
+    header = ["system"]
+    for n in NORMALISATIONS:
+        header += [f"{n} WER", f"{n} WERR vs oracle", f"{n} WERR vs 1-best", f"{n} GTMR"]
+    lines = [f"## {title}", ""] if title else []
+    lines += ["| " + " | ".join(header) + " |", "|" + "---|" + "---:|" * (len(header) - 1)]
+    for name, row in table.items():
+        cells = [name.replace("|", "\\|")]
+        for n in NORMALISATIONS:
+            s = row[n]
+            cells += [_pct(100 * s.wer), _pct(s.werr_oracle), _pct(s.werr_one_best), _pct(s.gtmr)]
+        lines.append("| " + " | ".join(cells) + " |")
+    lines += ["", "All numbers in %. WERR = (baseline WER - WER) / baseline WER × 100; GTMR = outputs equal to the "
+              "ground truth. raw: as written; light: lowercase, no . , - ? ' (the paper's); whisper: OpenAI "
+              "Whisper's English text normaliser. The oracle is the n-best hypothesis closest to the ground truth, "
+              "chosen under each normalisation."]
+    if best is not None:
+        lines += ["", f"Best adapter (lowest {select} WER): {best}"]
+    return "\n".join(lines) + "\n"
+
+
+def utterance_lines(utterances, outputs, details) -> list:
+    """One JSON-able dict per utterance: texts, each system's word errors and WER under each normalisation."""
+    lines = []
+    for i, (u, d) in enumerate(zip(utterances, details)):
+        j = d["raw"]["oracle"]
+        line = {"id": u["id"], "reference": u["text"], "one_best": u["one_best"],
+                "oracle": u["hypotheses"][j] if j is not None else u["one_best"],
+                "outputs": {name: outs[i] for name, outs in outputs.items()}}
+        for n in NORMALISATIONS:
+            words, errors = d[n]["words"], d[n]["errors"]
+            line[n] = {"oracle_index": d[n]["oracle"], "words": words, "errors": errors,
+                       "wer": {name: (e / words if words else None) for name, e in errors.items()}}
+        lines.append(line)
+    return lines
+
+
+def _write_atomic(path: Path, text: str):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(text, encoding="utf-8")
+    os.replace(tmp, path)
+
+
+def write_report(out: Path, markdown: str, lines) -> Path:
+    """The table to `out` and the per-utterance lines to the .jsonl beside it. Returns the JSONL path."""
+    jsonl = out.with_suffix(".jsonl")
+    _write_atomic(out, markdown)
+    _write_atomic(jsonl, "".join(json.dumps(line, ensure_ascii=False) + "\n" for line in lines))
+    return jsonl
+
+
+# ----------------------------------------------------------------------------------------------------
+# Running the adapters
+# ----------------------------------------------------------------------------------------------------
+
+def load_split(data, split, limit=None) -> PreparedDataset:
+    data = Path(data)
+    if not data.is_dir():
+        raise EvalError(f"data folder {data} not found: prepare it first (python prepare_data.py)")
+    try:
+        ds = PreparedDataset(data, split)
+    except FileNotFoundError:
+        raise EvalError(f"{data} has no prepared split {split!r} ({data / split / 'index.jsonl'} not found)") from None
+    if limit is not None:
+        ds.entries = ds.entries[:limit]
+    if not ds.entries:
+        raise EvalError(f"{data}/{split} holds no utterances")
+    return ds
+
+
+@torch.inference_mode()
+def run_adapter(adapter, ds: PreparedDataset, llm=None, whisper=None, device="cpu", max_new_tokens=150,
+                progress=True) -> list:
+    """The corrected transcript of every utterance of `ds` by one adapter checkpoint: greedy decoding, the
+    response up to its first newline (generate.correct, as the paper). llm / whisper override the LLM folder
+    and the Whisper (name, folder or model) that the adapter file names."""
+    from convert_checkpoint import ConversionError
+    from generate import GenerateError, correct, load_wl
+
+    adapter = Path(adapter)
+    if not adapter.is_file():
+        raise EvalError(f"adapter checkpoint {adapter} not found")
+    try:
+        model, tokenizer = load_wl(adapter, llm=llm, whisper=whisper, device=device)
+    except (GenerateError, ConversionError, OSError, ValueError) as e:
+        raise EvalError(f"cannot load {adapter}: {str(e).splitlines()[0] if str(e) else type(e).__name__}") from None
+    c = model.config
+    torch.manual_seed(0)  # the random-audio ablation draws noise: the same numbers on every run
+    outputs = []
+    for i in tqdm(range(len(ds)), desc=f"correcting ({adapter.name})", unit="utt", disable=not progress):
+        item = ds[i]
+        features = item["audio_features"]  # (F, W) float16
+        if c.use_whisper and features.shape[-1] != c.whisper_width:
+            raise EvalError(f"{adapter} fuses Whisper features of width {c.whisper_width} but {ds.root} holds "
+                            f"width {features.shape[-1]}: prepare the data with the adapter's feature model")
+        meta = item["meta"]
+        try:
+            outputs.append(correct(model, tokenizer, meta["hypotheses"] or [meta["one_best"]], features.to(device),
+                                   max_new_tokens=max_new_tokens))
+        except GenerateError as e:  # e.g. a prompt longer than the LLM's context
+            raise EvalError(f"{meta['id']}: {e}") from None
+    return outputs
+
+
+def default_adapters(out_root=ROOT / "out") -> list:
+    """[the best checkpoint of the latest training run under out_root], or [] when there is none. The same
+    choice as generate.py's default (the newest best.safetensors), so that both scripts use one adapter."""
+    from generate import find_latest_adapter
+
+    latest = find_latest_adapter(out_root)
+    if latest is None:
+        return []
+    try:
+        return [latest.relative_to(Path.cwd())]  # shorter row names when run from the repository
+    except ValueError:
+        return [latest]
+
+
+def evaluate(data, split="test", adapters=None, limit=None, out=None, llm=None, whisper=None, device="cpu",
+             max_new_tokens=150, select="raw", progress=True) -> dict:
+    """Run every adapter on the split and write the table and the per-utterance JSONL.
+    adapters None: the best checkpoint of the latest training run in out/, if any (else baseline rows only).
+    Returns {"table", "best", "markdown", "out", "jsonl"}."""
+    ds = load_split(data, split, limit)
+    out = Path(out) if out is not None else ROOT / "out" / "eval" / f"{split}.md"
+    if out.suffix == ".jsonl":
+        raise EvalError(f"--out {out}: give the Markdown path (the .jsonl is written beside it)")
+    if adapters is None:
+        adapters = default_adapters()
+        if not adapters:
+            print("notice: no trained adapter in out/ (train one with python train.py): "
+                  "showing the 1-best and oracle rows only", file=sys.stderr)
+    names = []
+    for a in adapters:  # the row name is the path as given; the same file twice is evaluated once
+        if str(a) not in names:
+            names.append(str(a))
+    for a in names:
+        if not Path(a).is_file():
+            raise EvalError(f"adapter checkpoint {a} not found")
+    utterances = ds.entries
+    outputs = {}
+
+    def report():
+        table, details = score(utterances, outputs)
+        best = best_system(table, list(outputs), select) if len(outputs) > 1 else None
+        markdown = format_table(table, f"{Path(data).name} / {split}: {len(utterances)} utterances", best, select)
+        jsonl = write_report(out, markdown, utterance_lines(utterances, outputs, details))
+        return {"table": table, "best": best, "markdown": markdown, "out": out, "jsonl": jsonl}
+
+    for i, a in enumerate(names):
+        outputs[a] = run_adapter(a, ds, llm, whisper, device, max_new_tokens, progress)
+        if i < len(names) - 1:
+            report()  # hours of decoding are kept on disk even if a later adapter fails
+    return report()
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--data", default=str(ROOT / "data" / "demo"), help="prepared folder (default data/demo)")
+    parser.add_argument("--split", default="test", help="split to score (default test)")
+    parser.add_argument("--adapter", nargs="+", default=None,
+                        help="adapter checkpoint(s) to compare (default: the best checkpoint of the latest "
+                             "training run in out/; with none, only the 1-best and oracle rows)")
+    parser.add_argument("--limit", type=int, help="score only the first N utterances")
+    parser.add_argument("--out", help="Markdown table path (default out/eval/<split>.md; the JSONL goes beside it)")
+    parser.add_argument("--llm", help="LLM checkpoint folder (default: the one the adapter was trained with)")
+    parser.add_argument("--whisper", help="Whisper whose cross-attention the adapter copies "
+                                          "(default: the one the adapter was trained with)")
+    parser.add_argument("--max-new-tokens", type=int, default=150, help="the paper's 150")
+    parser.add_argument("--select", choices=NORMALISATIONS, default="raw",
+                        help="which WER names the best adapter when several are given (default raw)")
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--threads", type=int, default=os.cpu_count(), help="torch threads (default: all cores)")
+    args = parser.parse_args(argv)
+    torch.set_num_threads(max(1, args.threads))
+    try:
+        if args.limit is not None and args.limit < 1:
+            raise EvalError("--limit must be at least 1")
+        if args.max_new_tokens < 1:
+            raise EvalError("--max-new-tokens must be at least 1")
+        result = evaluate(args.data, args.split, args.adapter, args.limit, args.out, args.llm, args.whisper,
+                          args.device, args.max_new_tokens, args.select)
+    except (EvalError, FileNotFoundError, ValueError) as e:
+        message = str(e).splitlines()[0] if str(e) else type(e).__name__
+        print(f"error: {message}", file=sys.stderr)
+        sys.exit(1)
+    print(result["markdown"], end="")
+    print(f"wrote {result['out']} and {result['jsonl']}", file=sys.stderr)
+
+
+if __name__ == "__main__":
+    main()
