@@ -642,6 +642,7 @@ def ensure_llm(checkpoint_dir=None) -> Path:
 # CTranslate2 weights are dequantised to float32.
 
 WHISPER_TINY_EN_DIR = CHECKPOINTS / "whisper-tiny.en"
+WHISPER_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
 def _whisper_dims_and_check(state: dict, dims: dict, source):
@@ -675,11 +676,11 @@ def _whisper_tokenizer_files(n_vocab: int, candidates=()) -> list:
     return []
 
 
-def _write_whisper(out_dir, state, dims, source, dtype=None, extra_files=()):
-    if dtype is not None:
-        state = {k: v.to(WHISPER_DTYPES[dtype] if isinstance(dtype, str) else dtype) for k, v in state.items()}
+def _write_whisper(out_dir, state, dims, dtype=None, extra_files=()):
     from dataclasses import asdict
 
+    if dtype is not None:
+        state = {k: v.to(WHISPER_DTYPES[dtype] if isinstance(dtype, str) else dtype) for k, v in state.items()}
     return save_checkpoint(out_dir, state, asdict(dims), extra_files)
 
 
@@ -694,7 +695,6 @@ def _write_whisper(out_dir, state, dims, source, dtype=None, extra_files=()):
 # per output row for int8, one scalar for int16.
 
 CT2_DTYPES = {0: "float32", 1: "int8", 2: "int16", 3: "int32", 4: "float16", 5: "bfloat16"}
-WHISPER_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
 def read_ct2_model(path):
@@ -731,7 +731,8 @@ def read_ct2_model(path):
     version = unpack("I")
     if version != 6:
         raise ConversionError(f"{path}: not a CTranslate2 model.bin of binary version 6 (read version {version})")
-    spec, _revision = string(), unpack("I")
+    spec = string()
+    unpack("I")  # the spec revision; variables that older revisions may lack (head counts, encoder positions) have fallbacks
     variables = {}
     for _ in range(unpack("I")):
         name = string()
@@ -871,7 +872,7 @@ def convert_ct2_whisper(source, out_dir, tokenizer=None, dtype=None) -> Path:
     state, dims = ct2_whisper_state_dict(var, aliases)
     dims = _whisper_dims_and_check(state, dims, model_bin)
     extra = _whisper_tokenizer_files(dims.n_vocab, [tokenizer, model_bin.parent / "tokenizer.json"])
-    return _write_whisper(out_dir, state, dims, model_bin, dtype, extra)
+    return _write_whisper(out_dir, state, dims, dtype, extra)
 
 
 # --- openai-whisper .pt ----------------------------------------------------------------------------------
@@ -893,7 +894,7 @@ def convert_openai_whisper(source, out_dir, tokenizer=None, dtype=None) -> Path:
     dims = _whisper_dims_and_check(state, dict(ckpt["dims"]), source)
     extra = _whisper_tokenizer_files(dims.n_vocab, [tokenizer, source.parent / "tokenizer.json",
                                                     *sorted(source.parent.glob("*.tiktoken"))[:1]])
-    return _write_whisper(out_dir, state, dims, source, dtype, extra)
+    return _write_whisper(out_dir, state, dims, dtype, extra)
 
 
 # --- Hugging Face Whisper folders ---------------------------------------------------------------------
@@ -966,7 +967,7 @@ def convert_hf_whisper(source, out_dir, tokenizer=None, dtype=None) -> Path:
                 n_text_head=cfg["decoder_attention_heads"], n_text_layer=cfg["decoder_layers"])
     dims = _whisper_dims_and_check(state, dims, src)
     extra = _whisper_tokenizer_files(dims.n_vocab, [tokenizer, src / "tokenizer.json"])
-    return _write_whisper(out_dir, state, dims, src, dtype, extra)
+    return _write_whisper(out_dir, state, dims, dtype, extra)
 
 
 # --- Any Whisper source, and the embedded default -------------------------------------------------------
