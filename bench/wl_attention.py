@@ -129,6 +129,41 @@ def child(args):
                           shapes=dict(B=B, T=T, F=Fr, C=cfg.n_embd, H=cfg.n_head, W=cfg.whisper_width))))
 
 
+@torch.no_grad()
+def decode_steps(threads, small, steps=20):
+    """Per generated token, the AiW branch while decoding: the fast path reads the Whisper heads' keys and
+    values computed once per utterance; the literal one recomputes projections and template every step."""
+    torch.manual_seed(0)
+    torch.set_num_threads(threads)
+    if small:
+        cfg = A.wl_config(Config(name="b", n_layer=1, n_head=8, n_embd=512, vocab_size=16), whisper_width=256,
+                          whisper_heads=4, whisper_layers=1, adapter_start_layer=0)
+        Fr = 300
+    else:
+        cfg = A.wl_config(Config.from_name("llama-7b", n_layer=1), whisper_width=1280, whisper_heads=20,
+                          whisper_layers=1, adapter_start_layer=0)
+        Fr = 1500
+    attn = A.AdapterAttention(cfg).eval()
+    for name, p in attn.named_parameters():
+        if name.startswith("whisper_"):
+            torch.nn.init.normal_(p, std=0.02)
+    audio = torch.randn(1, Fr, cfg.whisper_width)
+    qs = torch.randn(steps, 1, cfg.n_head, 1, cfg.head_size)
+    t0 = time.perf_counter()
+    k_w, v_w = attn.whisper_kv(audio)  # once per utterance
+    fast = [A.whisper_attention(attn.transform_query(q), k_w, v_w) for q in qs]
+    t_fast = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    lit = [literal_whisper_branch(attn, q, audio) for q in qs]
+    t_lit = time.perf_counter() - t0
+    diff = max((a - b).abs().max().item() for a, b in zip(fast, lit))
+    print(f"\ndecoding, the AiW branch for {steps} tokens of one utterance (F={Fr}, W={cfg.whisper_width}), "
+          f"{threads} threads")
+    print(f"literal (recompute every step) {t_lit / steps * 1e3:8.2f} ms/token")
+    print(f"fast (k/v cached per utterance) {t_fast / steps * 1e3:7.2f} ms/token (first step included)")
+    print(f"speed-up: {t_lit / t_fast:.1f}x   max abs difference {diff:.1e}")
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--small", action="store_true", help="small shapes for a quick run")
@@ -141,6 +176,7 @@ def main():
         return child(args)
     for branch in (True, False):
         compare(args, branch)
+    decode_steps(args.threads, args.small)
 
 
 def compare(args, branch):
