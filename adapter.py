@@ -292,7 +292,8 @@ class WhisperingLLaMA(LLaMA):
         self._causal_mask = None
 
     def adapter_blocks(self):
-        return [b for b in self.transformer.h if isinstance(b, AdapterBlock)]
+        # By index, not isinstance: FSDP replaces each block by a wrapper around it.
+        return [b for i, b in enumerate(self.transformer.h) if i >= self.config.adapter_start_layer]
 
     def set_kv_cache(self, *args, **kwargs):
         super().set_kv_cache(*args, **kwargs)
@@ -313,8 +314,8 @@ class WhisperingLLaMA(LLaMA):
         if audio is not None and self.config.random_audio:  # ablation: the audio carries no information
             audio = torch.randn(audio.shape, device=audio.device, dtype=torch.float32)
         x, cos, sin, mask = self.prepare(idx, input_pos)
-        for block in self.transformer.h:
-            if isinstance(block, AdapterBlock):
+        for i, block in enumerate(self.transformer.h):
+            if i >= self.config.adapter_start_layer:  # an AdapterBlock (possibly inside an FSDP wrapper)
                 x = block(x, cos, sin, mask, input_pos, audio=audio)
             else:
                 x = block(x, cos, sin, mask, input_pos)
@@ -341,7 +342,7 @@ def copy_whisper_projections(model: WhisperingLLaMA, whisper) -> None:
     from whisper_model import cross_attention_kv
 
     for i, block in enumerate(model.transformer.h):
-        if not isinstance(block, AdapterBlock) or not model.config.use_whisper:
+        if i < model.config.adapter_start_layer or not model.config.use_whisper:
             continue
         wk, wv, bv = cross_attention_kv(whisper, model.config.whisper_block(i))
         attn = block.attn

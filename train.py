@@ -1,0 +1,907 @@
+"""Train the Whispering-LLaMA adapters (AiL + AiW) with Lightning Fabric. The LLM and Whisper stay frozen.
+
+    python train.py                                   # WL-M on the demo corpus (data/demo), embedded models, CPU
+    python train.py --max-steps 50                    # a short run; prints tokens/s
+    python train.py --variant S --no-whisper          # an ablation: the text-only adapter
+    python train.py --out out/wl-m --resume           # continue an interrupted run exactly where it stopped
+    python train.py --devices 2 --strategy ddp        # data parallel (gloo on CPU, NCCL on GPUs)
+
+The recipe is the paper's (DESIGN.md §1): AdamW, lr 1e-3 decayed linearly to 1e-5 over all optimizer steps,
+weight decay 0.02, effective batch 32 (micro-batches + gradient accumulation), 25 epochs with early stopping on
+dev WER, cross-entropy on the response tokens only.
+
+The loss of one optimizer step is the mean over the labelled tokens of the whole effective batch: each
+micro-batch contributes the *sum* of its per-token losses divided by the token count of the effective batch
+(counted, over all processes, before the accumulation loop). So 4 micro-batches of 2 give exactly the gradient
+of one batch of 8, however the tokens are spread over the examples.
+
+Logits are computed only where there is a label (the model's `logits_mask`): the prompt is most of every
+sequence and the lm_head is the largest matmul of a small LLM.
+
+Output folder (--out):
+    config.json        the settings of the run, including the model's WLConfig
+    log.csv            step, epoch, loss, lr, tokens/s, val loss, dev WER
+    curves.png         those curves (matplotlib)
+    last.safetensors   the adapters at the last checkpoint (adapter tensors only: a few MB)
+    best.safetensors   the adapters with the best dev WER so far
+    state.ckpt         everything --resume needs: adapters, optimizer, scheduler, progress, data order, RNG states
+"""
+import argparse
+import csv
+import io
+import json
+import math
+import os
+import random
+import shutil
+import sys
+import time
+from contextlib import contextmanager
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from prepare_data import IGNORE_INDEX, PreparedDataset, collate
+
+ROOT = Path(__file__).resolve().parent
+
+# -----------------------------------------------------------------------------------------------------
+# Default settings (every one is a command-line flag; `python train.py --help` lists them)
+# I/O
+data = str(ROOT / "data" / "demo")  # prepared folder (python prepare_data.py writes the demo corpus here)
+out = None  # output folder; None: out/wl-<variant>[-<ablation>...]
+llm = None  # LLM checkpoint folder; None: the embedded SmolLM2-135M-Instruct (converted on first use)
+whisper = None  # Whisper whose decoder cross-attention initialises AiW; None: the data's feature model (meta.json)
+eval_every = 0  # also evaluate and checkpoint every this many optimizer steps (0: at the end of each epoch only)
+dev_limit = 100  # dev utterances decoded for the dev WER (0: no decoding; early stopping then uses val loss)
+# model (adapter.WLConfig)
+variant = "M"  # WL-L / WL-M / WL-S
+kv_layout = "heads"  # "paper" reproduces the reference code's head split
+prompt_length = 10  # AiL prefix length (40 with --no-whisper is the paper's "big adapter")
+start_layer = 2  # first LLaMA block with adapters
+# optimizer (the paper's recipe)
+learning_rate = 1e-3
+min_lr = 1e-5  # linear decay to this over all optimizer steps
+weight_decay = 0.02
+batch_size = 32  # effective batch: micro_batch_size × accumulation steps × processes
+micro_batch_size = 4
+epochs = 25
+max_steps = None  # stop after this many optimizer steps (the lr schedule still spans all epochs)
+patience = 5  # early stopping: evaluations without a better dev WER
+seed = 1337
+# system
+accelerator = "auto"
+devices = 1
+num_nodes = 1
+strategy = "auto"  # auto | ddp | fsdp | deepspeed
+precision = None  # None: bf16 on a GPU with bf16, 16-mixed on other GPUs, 32-true on CPU (see FABRIC_PRECISION)
+threads = None  # CPU threads per process; None: torch's (or Fabric's, with several processes) choice
+# -----------------------------------------------------------------------------------------------------
+
+# Settings that define the training run: --resume takes them from the run's config.json, and an explicit flag
+# that disagrees is an error. The others (devices, precision, max steps, ...) may change between sessions.
+RECIPE = ("data", "llm", "whisper", "variant", "kv_layout", "prompt_length", "start_layer", "no_whisper",
+          "random_audio", "random_init", "no_mask", "adapter", "learning_rate", "min_lr", "weight_decay",
+          "batch_size", "epochs", "patience", "dev_limit", "eval_every", "seed")
+
+
+def flag(dest: str) -> str:
+    """The command-line flag of a setting."""
+    return {"learning_rate": "--lr", "batch_size": "--batch", "micro_batch_size": "--micro-batch"}.get(
+        dest, "--" + dest.replace("_", "-"))
+
+
+class TrainError(Exception):
+    """A problem with the inputs or the run that the user must fix (one-line message, no traceback)."""
+
+
+class Diverged(Exception):
+    """The loss or the gradients became NaN/inf."""
+
+
+# -----------------------------------------------------------------------------------------------------
+# Loss
+# -----------------------------------------------------------------------------------------------------
+
+
+def make_batch(items, mask_prompt=True):
+    """collate() a list of dataset items. mask_prompt=False (--no-mask) trains on the prompt tokens too:
+    every real token is a label; only the padding stays IGNORE_INDEX."""
+    if not mask_prompt:
+        items = [{**item, "labels": item["ids"].clone()} for item in items]
+    batch = collate(items, pad_id=0)  # any pad id works: padding sits after the text and has no label
+    batch["n_tokens"] = sum(len(item["ids"]) for item in items)  # real tokens, for tokens/s
+    return batch
+
+
+def count_labels(batch) -> int:
+    """Positions that are scored: t where labels[t+1] is a label (the token at t predicts the one at t+1)."""
+    return int((batch["labels"][:, 1:] != IGNORE_INDEX).sum())
+
+
+def micro_batch_loss(model, batch, use_audio=True):
+    """(sum of the per-token cross-entropies, number of labelled tokens) of one micro-batch.
+
+    Only the positions whose next token is labelled reach the lm_head (logits_mask)."""
+    inputs, targets = batch["ids"][:, :-1], batch["labels"][:, 1:]
+    mask = targets != IGNORE_INDEX  # (B, T-1)
+    audio = batch["audio_features"] if use_audio else None
+    logits = model(inputs, audio, logits_mask=mask)  # (N, vocab) for the N labelled positions
+    return F.cross_entropy(logits.float(), targets[mask], reduction="sum"), int(mask.sum())
+
+
+def accumulate_gradients(fabric, model, micro_batches, use_audio=True):
+    """Forward and backward over the micro-batches of one optimizer step (this process's share).
+
+    Returns (mean loss over the labelled tokens of the whole effective batch, real tokens processed), both
+    summed over all processes. Gradients are synchronised on the last micro-batch only."""
+    device = fabric.device
+    counts = torch.tensor([sum(count_labels(b) for b in micro_batches),
+                           sum(b["n_tokens"] for b in micro_batches)], dtype=torch.float64, device=device)
+    counts = fabric.all_reduce(counts, reduce_op="sum") if fabric.world_size > 1 else counts
+    n_labels = max(counts[0].item(), 1.0)
+    # DDP/FSDP average the gradients over the processes; multiplying by world_size turns that average into
+    # the sum over all processes, so the result is the mean over every labelled token of the effective batch.
+    scale = fabric.world_size / n_labels
+    loss_sum = torch.zeros((), dtype=torch.float64, device=device)
+    for i, batch in enumerate(micro_batches):
+        is_accumulating = i < len(micro_batches) - 1
+        with fabric.no_backward_sync(model, enabled=is_accumulating):
+            batch = to_device(fabric, batch)
+            loss, _ = micro_batch_loss(model, batch, use_audio)
+            fabric.backward(loss * scale)
+        loss_sum += loss.detach().double()
+    if fabric.world_size > 1:
+        loss_sum = fabric.all_reduce(loss_sum, reduce_op="sum")
+    return (loss_sum / n_labels).item(), int(counts[1].item())
+
+
+def to_device(fabric, batch):
+    moved = dict(batch)
+    for key in ("ids", "labels", "audio_features"):
+        moved[key] = fabric.to_device(batch[key])
+    return moved
+
+
+def grads_finite(fabric, params) -> bool:
+    """All gradients finite, on every process (FSDP: each holds a shard)."""
+    total = torch.zeros((), dtype=torch.float32, device=fabric.device)
+    for p in params:
+        if p.grad is not None:
+            total += p.grad.detach().float().pow(2).sum()
+    if fabric.world_size > 1:
+        total = fabric.all_reduce(total, reduce_op="sum")
+    return bool(torch.isfinite(total))
+
+
+def lr_factor(step: int, total_steps: int, lr: float, min_lr: float) -> float:
+    """Linear decay from lr (first update) to min_lr (last update), as a multiplier of lr (for LambdaLR)."""
+    frac = min(step, total_steps - 1) / max(total_steps - 1, 1)
+    return (lr - (lr - min_lr) * frac) / lr
+
+
+# -----------------------------------------------------------------------------------------------------
+# Data order: one permutation per epoch, from the seed and the epoch alone
+# -----------------------------------------------------------------------------------------------------
+
+
+def epoch_order(n: int, seed: int, epoch: int) -> list:
+    g = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
+    return torch.randperm(n, generator=g).tolist()
+
+
+def step_micro_batches(dataset, order, step_in_epoch, batch_size, micro_batch_size, rank, world_size,
+                       mask_prompt=True):
+    """This process's micro-batches for one optimizer step. The step takes the next batch_size examples of the
+    epoch's order; process r takes the r-th contiguous slice, cut into micro-batches. The examples of a step do
+    not depend on the number of processes, so a run can resume on another number of devices."""
+    per_rank = batch_size // world_size
+    start = step_in_epoch * batch_size + rank * per_rank
+    idx = order[start: start + per_rank]
+    return [make_batch([dataset[i] for i in idx[j: j + micro_batch_size]], mask_prompt)
+            for j in range(0, len(idx), micro_batch_size)]
+
+
+# -----------------------------------------------------------------------------------------------------
+# Evaluation: validation loss and dev WER
+# -----------------------------------------------------------------------------------------------------
+
+
+@contextmanager
+def full_model(fabric, model):
+    """The plain module with every parameter present on this process (FSDP gathers its shards), for forward
+    passes that each process runs on its own (evaluation, decoding)."""
+    from lightning_fabric.strategies import FSDPStrategy
+
+    if isinstance(fabric.strategy, FSDPStrategy):
+        from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
+
+        with FSDP.summon_full_params(model._forward_module, writeback=False):
+            yield model.module
+    else:
+        yield model.module if hasattr(model, "module") else model
+
+
+def rng_fork(fabric):
+    """Evaluation must not move the training RNG (the random-audio ablation draws noise), so that an
+    evaluation at an interruption point leaves the run identical to an uninterrupted one."""
+    devices = [fabric.device] if fabric.device.type == "cuda" else []
+    return torch.random.fork_rng(devices=devices)
+
+
+@torch.no_grad()
+def evaluate(fabric, model, dev, tokenizer, run):
+    """(validation loss over the dev split, dev WER over its first run.dev_limit utterances or None).
+    Each process takes every world_size-th example; sums are reduced over processes."""
+    import jiwer
+
+    rank, world = fabric.global_rank, fabric.world_size
+    use_audio = not run.no_whisper
+    with rng_fork(fabric), full_model(fabric, model) as net:
+        net.eval()
+        try:
+            sums = torch.zeros(4, dtype=torch.float64, device=fabric.device)  # loss, labels, word errors, ref words
+            mine = list(range(rank, len(dev), world))
+            for j in range(0, len(mine), run.micro_batch_size):
+                # always the response tokens: the quantity that matters for correction, comparable across ablations
+                batch = make_batch([dev[i] for i in mine[j: j + run.micro_batch_size]])
+                with fabric.autocast():
+                    loss, n = micro_batch_loss(net, to_device(fabric, batch), use_audio)
+                sums[0] += loss.double()
+                sums[1] += n
+            decoded = [i for i in range(rank, min(run.dev_limit, len(dev)), world)]
+            if decoded:
+                from generate import correct
+
+                refs, hyps = [], []
+                for i in decoded:
+                    item = dev[i]
+                    features = fabric.to_device(item["audio_features"])
+                    with fabric.autocast():
+                        hyps.append(correct(net, tokenizer, item["meta"]["hypotheses"], features))
+                    refs.append(item["meta"]["text"])
+                counts = jiwer.process_words(refs, hyps)
+                sums[2] += counts.substitutions + counts.deletions + counts.insertions
+                sums[3] += counts.substitutions + counts.deletions + counts.hits
+        finally:
+            net.train()
+    if world > 1:
+        sums = fabric.all_reduce(sums, reduce_op="sum")
+    val_loss = (sums[0] / sums[1]).item() if sums[1] > 0 else float("nan")
+    dev_wer = (sums[2] / sums[3]).item() if run.dev_limit > 0 and sums[3] > 0 else None
+    return val_loss, dev_wer
+
+
+# -----------------------------------------------------------------------------------------------------
+# Checkpoints, log, plot
+# -----------------------------------------------------------------------------------------------------
+
+
+def write_atomic(path: Path, data: bytes):
+    tmp = path.with_name(f".{path.name}.tmp")
+    with open(tmp, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def portable(name_or_dir):
+    """A checkpoint as recorded in an adapter file: None (the embedded default) and model names as they are,
+    folders as absolute paths."""
+    if name_or_dir is None or not Path(name_or_dir).exists():
+        return name_or_dir
+    return str(Path(name_or_dir).resolve())
+
+
+def save_adapter(fabric, model, path: Path, run, **extra):
+    """The adapter tensors alone (adapter.save_adapter: safetensors, atomic, with the adapter config and the
+    LLM / Whisper it was trained on in the metadata, so that generate.py and evaluate.py can rebuild the model)."""
+    import adapter
+
+    with full_model(fabric, model) as net:
+        if fabric.is_global_zero:
+            adapter.save_adapter(net, path, llm=portable(run.llm), whisper=portable(run.whisper), extra=extra)
+    fabric.barrier()
+
+
+def rng_state(fabric) -> dict:
+    np_name, np_keys, np_pos, np_has_gauss, np_gauss = np.random.get_state()
+    py_version, py_internal, py_gauss = random.getstate()
+    return {
+        "torch": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state(fabric.device) if fabric.device.type == "cuda" else None,
+        # plain lists, so that the checkpoint loads with torch.load(weights_only=True)
+        "numpy": [np_name, np_keys.tolist(), int(np_pos), int(np_has_gauss), float(np_gauss)],
+        "python": [py_version, list(py_internal), py_gauss],
+    }
+
+
+def set_rng_state(fabric, state: dict):
+    torch.set_rng_state(state["torch"].cpu())
+    if state["cuda"] is not None and fabric.device.type == "cuda":
+        torch.cuda.set_rng_state(state["cuda"].cpu(), fabric.device)
+    name, keys, pos, has_gauss, gauss = state["numpy"]
+    np.random.set_state((name, np.array(keys, dtype=np.uint32), pos, has_gauss, gauss))
+    version, internal, gauss_next = state["python"]
+    random.setstate((version, tuple(internal), gauss_next))
+
+
+def all_rng_states(fabric) -> list:
+    """Every process's RNG states (process 0 writes the checkpoint)."""
+    mine = rng_state(fabric)
+    if fabric.world_size == 1:
+        return [mine]
+    gathered = [None] * fabric.world_size
+    torch.distributed.all_gather_object(gathered, mine)
+    return gathered
+
+
+def save_state(fabric, path: Path, model, optimizer, scheduler, progress: dict, adapter_names: list):
+    """Everything --resume needs, written atomically: only the adapter tensors of the model (the frozen LLM is
+    rebuilt from its checkpoint), the optimizer and scheduler, progress (step, epoch, data order, best, log)
+    and the RNG states of every process."""
+    from adapter import is_adapter_param
+
+    from lightning_fabric.strategies import DeepSpeedStrategy
+
+    state = {"model": model, "optimizer": optimizer, "scheduler": scheduler, "progress": progress,
+             "rng": all_rng_states(fabric), "adapter_names": adapter_names}
+    tmp = path.with_name(f".{path.name}.tmp")
+    # DeepSpeed writes a folder of shards and leaves out the frozen parameters itself (no filter there)
+    deepspeed = isinstance(fabric.strategy, DeepSpeedStrategy)
+    fabric.save(tmp, state, filter=None if deepspeed else {"model": lambda name, _: is_adapter_param(name)})
+    if fabric.is_global_zero:
+        if path.is_dir():
+            shutil.rmtree(path)
+        os.replace(tmp, path)
+    fabric.barrier()
+
+
+def load_state(fabric, path: Path, model, optimizer, scheduler, adapter_names: list) -> dict:
+    state = {"model": model, "optimizer": optimizer, "scheduler": scheduler, "progress": None, "rng": None,
+             "adapter_names": None}
+    try:
+        fabric.load(path, state, strict=False)
+    except (RuntimeError, KeyError, ValueError) as e:
+        raise TrainError(f"{path} cannot be resumed: {str(e).splitlines()[0]}") from None
+    if state["adapter_names"] != adapter_names:
+        raise TrainError(f"{path} does not match the model (its adapter tensors differ): "
+                         "check --variant, --start-layer and the LLM")
+    rngs = state["rng"]
+    set_rng_state(fabric, rngs[fabric.global_rank] if len(rngs) == fabric.world_size else rngs[0])
+    return state["progress"]
+
+
+LOG_FIELDS = ("step", "epoch", "loss", "lr", "tokens_per_s", "val_loss", "dev_wer")
+
+
+def write_log(path: Path, rows: list):
+    text = io.StringIO()
+    writer = csv.DictWriter(text, fieldnames=LOG_FIELDS, lineterminator="\n")
+    writer.writeheader()
+    for row in rows:
+        writer.writerow({k: ("" if row.get(k) is None else row[k]) for k in LOG_FIELDS})
+    write_atomic(path, text.getvalue().encode())
+
+
+def plot_curves(path: Path, rows: list):
+    """Training and validation loss, dev WER and learning rate against the optimizer step."""
+    try:
+        import matplotlib
+    except ImportError:
+        return  # the plot is a convenience; the CSV has the same numbers
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    train = [r for r in rows if r.get("loss") is not None]
+    evals = [r for r in rows if r.get("val_loss") is not None]
+    wers = [r for r in evals if r.get("dev_wer") is not None]
+    fig, axes = plt.subplots(1, 3, figsize=(15, 4))
+    axes[0].plot([r["step"] for r in train], [r["loss"] for r in train], lw=0.8, label="train")
+    axes[0].plot([r["step"] for r in evals], [r["val_loss"] for r in evals], "o-", label="dev")
+    axes[0].set(title="loss (response tokens)", xlabel="step")
+    axes[0].legend()
+    axes[1].plot([r["step"] for r in wers], [100 * r["dev_wer"] for r in wers], "o-", color="C2")
+    axes[1].set(title="dev WER (%)", xlabel="step")
+    axes[2].plot([r["step"] for r in train], [r["lr"] for r in train], color="C3")
+    axes[2].set(title="learning rate", xlabel="step")
+    fig.tight_layout()
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=100)
+    plt.close(fig)
+    write_atomic(path, buf.getvalue())
+
+
+# -----------------------------------------------------------------------------------------------------
+# Setup: precision, Fabric, data, model
+# -----------------------------------------------------------------------------------------------------
+
+
+def on_gpu(accelerator: str) -> bool:
+    if accelerator in ("cuda", "gpu"):
+        return True
+    return accelerator == "auto" and torch.cuda.is_available()
+
+
+# --precision → Fabric's precision plugin. "bf16" is ours: the frozen weights are stored in bf16 (half the memory,
+# as bf16-true), the trained adapter tensors stay fp32 and the matmuls run under bf16 autocast. Pure bf16-true
+# would lose the updates themselves: near 1.0 bf16 has a spacing of 2^-8..2^-7, so an AdamW step of lr = 1e-3
+# leaves the identity-initialised diagonals, the norm scales and gate_W exactly where they started.
+FABRIC_PRECISION = {"bf16": "bf16-mixed", "bf16-true": "bf16-true", "bf16-mixed": "bf16-mixed",
+                    "16-mixed": "16-mixed", "32-true": "32-true"}
+
+
+def resolve_precision(requested, accelerator) -> str:
+    """The precision mode (a key of FABRIC_PRECISION). The default is the fastest correct choice for the device:
+    bf16 on a GPU that has it, 16-mixed on other GPUs, fp32 on CPU (bf16 matmuls run several times slower than
+    fp32 on common CPUs)."""
+    gpu = on_gpu(accelerator)
+    bf16_gpu = gpu and torch.cuda.is_available() and torch.cuda.is_bf16_supported()
+    if requested is None:
+        return "bf16" if bf16_gpu else "16-mixed" if gpu else "32-true"
+    if requested.startswith("bf16") and gpu and not bf16_gpu:
+        raise TrainError("this GPU does not support bf16: use --precision 16-mixed or 32")
+    if requested == "16-mixed" and not gpu:
+        raise TrainError("16-mixed (fp16 autocast) needs a GPU: on CPU use --precision bf16 or 32")
+    return {"32": "32-true"}.get(requested, requested)
+
+
+def make_fabric(run, precision: str):
+    from lightning_fabric import Fabric
+
+    strategy = run.strategy
+    try:
+        if strategy == "fsdp":
+            from lightning_fabric.strategies import FSDPStrategy
+
+            from adapter import AdapterBlock
+            from model import Block
+
+            # Each LLaMA block is one FSDP unit. use_orig_params keeps the frozen and the trainable parameters of
+            # a block apart, so the optimizer (built from the trainable ones only) holds no state for the LLM.
+            strategy = FSDPStrategy(auto_wrap_policy={Block, AdapterBlock}, use_orig_params=True,
+                                    state_dict_type="full", sharding_strategy="FULL_SHARD")
+        elif strategy == "deepspeed":
+            from lightning_fabric.strategies import DeepSpeedStrategy
+
+            strategy = DeepSpeedStrategy(stage=2, exclude_frozen_parameters=True)  # no LLM weights in checkpoints
+        return Fabric(accelerator=run.accelerator, devices=run.devices, num_nodes=run.num_nodes, strategy=strategy,
+                      precision=FABRIC_PRECISION[precision])
+    except (ValueError, RuntimeError, ImportError, ModuleNotFoundError) as e:
+        raise TrainError(f"cannot set up {run.strategy} on {run.accelerator}: {str(e).splitlines()[0]}") from None
+
+
+def load_feature_whisper(name_or_dir):
+    """The Whisper model (its weights only) from a checkpoint folder or a model name."""
+    from whisper_model import Whisper, load_whisper
+
+    try:
+        if (Path(name_or_dir) / "config.json").is_file():
+            return Whisper.from_checkpoint(name_or_dir)
+        return load_whisper(name_or_dir)[0]
+    except (OSError, ValueError) as e:
+        raise TrainError(f"cannot load the Whisper model {name_or_dir}: {str(e).splitlines()[0]}") from None
+
+
+def same_path(a, b) -> bool:
+    if a is None or b is None:
+        return a is None and b is None
+    return Path(a).resolve() == Path(b).resolve()
+
+
+def check_data_folder(run):
+    if not (Path(run.data) / "train" / "index.jsonl").is_file():
+        raise TrainError(f"no prepared data in {run.data}: run `python prepare_data.py` first"
+                         + (" (or pass --data)" if run.data == data else ""))
+
+
+def load_data(run, tokenizer):
+    """(train, dev or None, the folder's meta.json). Prompts are re-tokenised when the folder was prepared for
+    another LLM than the one trained here."""
+    check_data_folder(run)
+    root = Path(run.data)
+    meta = json.loads((root / "meta.json").read_text()) if (root / "meta.json").is_file() else {}
+    from convert_checkpoint import SMOLLM2_DIR
+
+    # None is the embedded default LLM, in the prepared folder's meta.json as on our command line
+    retokenize = None if same_path(meta.get("llm") or SMOLLM2_DIR, run.llm or SMOLLM2_DIR) else tokenizer
+    train = PreparedDataset(root, "train", tokenizer=retokenize)
+    dev = PreparedDataset(root, "dev", tokenizer=retokenize) if (root / "dev" / "index.jsonl").is_file() else None
+    if len(train) == 0:
+        raise TrainError(f"{root}/train holds no utterances")
+    if dev is not None and len(dev) == 0:
+        dev = None
+    return train, dev, meta
+
+
+def check_lengths(datasets, block_size):
+    for ds in datasets:
+        if ds is None or ds.tokenizer is not None:
+            continue
+        longest = max(len(e["ids"]) for e in ds.entries)
+        if longest > block_size:
+            raise TrainError(f"{ds.root}/{ds.split} has a prompt of {longest} tokens; the LLM's context is "
+                             f"{block_size}")
+
+
+def build(run, fabric, precision, feature_width):
+    """The WhisperingLLaMA with its adapters initialised (or loaded from --adapter)."""
+    from adapter import build_model, load_adapter_file
+
+    from convert_checkpoint import ConversionError, ensure_llm
+
+    try:
+        llm_dir = ensure_llm(run.llm)
+    except ConversionError as e:
+        raise TrainError(str(e).splitlines()[0]) from None
+    whisper_model = None
+    if not run.no_whisper:
+        whisper_model = load_feature_whisper(run.whisper)
+        if feature_width is not None and whisper_model.dims.n_audio_state != feature_width:
+            raise TrainError(f"the audio features in {run.data} are {feature_width} wide but --whisper {run.whisper} "
+                             f"is {whisper_model.dims.n_audio_state} wide: pass the model the data was prepared with")
+    from lightning_fabric.strategies import FSDPStrategy
+
+    device = "cpu" if isinstance(fabric.strategy, FSDPStrategy) else fabric.device  # FSDP moves its own shards
+    try:
+        model = build_model(llm_dir, whisper_model, device=device, variant=run.variant, kv_layout=run.kv_layout,
+                            adapter_prompt_length=run.prompt_length, adapter_start_layer=run.start_layer,
+                            use_whisper=not run.no_whisper, random_audio=run.random_audio,
+                            identity_init=not run.random_init)
+        if run.adapter:
+            load_adapter_file(model, run.adapter)
+    except (ValueError, FileNotFoundError) as e:
+        raise TrainError(str(e).splitlines()[0]) from None
+    if precision == "bf16" and run.strategy not in ("fsdp", "deepspeed"):
+        # The frozen weights in bf16, the adapters in fp32. (FSDP flattens each block into one buffer of one dtype
+        # and keeps it fp32 but sharded; DeepSpeed keeps fp32 master weights itself.)
+        with torch.no_grad():
+            for p in model.parameters():
+                p.data = p.data.to(torch.float32 if p.requires_grad else torch.bfloat16)
+    elif precision != "bf16-true":  # (bf16-true: Fabric casts everything)
+        model = model.float()  # fp32 weights for 32-true and the mixed precisions (the LLM file may be bf16)
+    return model, llm_dir
+
+
+def default_out(run) -> str:
+    name = f"wl-{run.variant.lower()}"
+    for ablation in ("no_whisper", "random_audio", "random_init", "no_mask"):
+        if getattr(run, ablation):
+            name += "-" + ablation.replace("_", "-")
+    if run.kv_layout == "paper":
+        name += "-paper"
+    if run.prompt_length != prompt_length:
+        name += f"-p{run.prompt_length}"
+    return str(ROOT / "out" / name)
+
+
+# -----------------------------------------------------------------------------------------------------
+# The training loop
+# -----------------------------------------------------------------------------------------------------
+
+
+def fit(fabric, run, model, optimizer, scheduler, train_set, dev_set, tokenizer, out_dir: Path, progress: dict,
+        adapter_names: list):
+    from tqdm import tqdm
+
+    steps_per_epoch = len(train_set) // run.batch_size
+    total_steps = run.epochs * steps_per_epoch
+    stop_at = total_steps if run.max_steps is None else min(total_steps, run.max_steps)
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    rows = progress["log"]
+
+    def checkpoint():
+        progress["saved_step"] = progress["step"]
+        save_adapter(fabric, model, out_dir / "last.safetensors", run, step=progress["step"])
+        save_state(fabric, out_dir / "state.ckpt", model, optimizer, scheduler, progress, adapter_names)
+
+    def publish():
+        if fabric.is_global_zero:
+            write_log(out_dir / "log.csv", rows)
+
+    bar = tqdm(total=stop_at, initial=progress["step"], desc="training", unit="step",
+               disable=not fabric.is_global_zero, dynamic_ncols=True)
+    train_time, tokens_seen = 0.0, 0  # training steps only: evaluation and checkpoints are not throughput
+    try:
+        while progress["step"] < stop_at and not progress["stopped"]:
+            step = progress["step"]
+            epoch, in_epoch = divmod(step, steps_per_epoch)
+            if progress["order_epoch"] != epoch:
+                progress["order"], progress["order_epoch"] = epoch_order(len(train_set), run.seed, epoch), epoch
+            t0 = time.perf_counter()
+            micro_batches = step_micro_batches(train_set, progress["order"], in_epoch, run.batch_size,
+                                               run.micro_batch_size, fabric.global_rank, fabric.world_size,
+                                               mask_prompt=not run.no_mask)
+            lr = optimizer.param_groups[0]["lr"]
+            loss, n_tokens = accumulate_gradients(fabric, model, micro_batches, use_audio=not run.no_whisper)
+            if not math.isfinite(loss) or not grads_finite(fabric, trainable):
+                raise Diverged(f"the loss is {loss} at step {step + 1} (epoch {epoch + 1})")
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            scheduler.step()
+            dt = time.perf_counter() - t0
+            train_time += dt
+            tokens_seen += n_tokens
+            progress["step"] = step = step + 1
+            rows.append({"step": step, "epoch": epoch + 1, "loss": loss, "lr": lr,
+                         "tokens_per_s": round(n_tokens / dt, 1)})
+            bar.set_postfix(epoch=epoch + 1, loss=f"{loss:.4f}", tok_s=f"{n_tokens / dt:.0f}")
+            bar.update(1)
+
+            end_of_epoch = step % steps_per_epoch == 0
+            if end_of_epoch or (run.eval_every and step % run.eval_every == 0):
+                if dev_set is not None:
+                    val_loss, dev_wer = evaluate(fabric, model, dev_set, tokenizer, run)
+                    rows.append({"step": step, "epoch": epoch + 1, "val_loss": val_loss,
+                                 "dev_wer": dev_wer})
+                    score = dev_wer if dev_wer is not None else val_loss
+                    shown = f"val loss {val_loss:.4f}" + ("" if dev_wer is None else f", dev WER {100 * dev_wer:.2f}%")
+                    if progress["best"] is None or score < progress["best"]:
+                        progress["best"], progress["best_step"], progress["bad_evals"] = score, step, 0
+                        progress["best_metric"] = "val loss" if dev_wer is None else "dev WER"
+                        save_adapter(fabric, model, out_dir / "best.safetensors", run, step=step, val_loss=val_loss,
+                                     dev_wer=dev_wer)
+                        shown += " (best)"
+                    else:
+                        progress["bad_evals"] += 1
+                    if fabric.is_global_zero:
+                        bar.write(f"step {step} (epoch {epoch + 1}): {shown}")
+                    if progress["bad_evals"] >= run.patience:
+                        progress["stopped"] = f"early stopping: no better dev score in {run.patience} evaluations"
+                checkpoint()
+                publish()
+                if fabric.is_global_zero:
+                    plot_curves(out_dir / "curves.png", rows)
+            elif step == stop_at:
+                checkpoint()
+            if fabric.is_global_zero and (step % 10 == 0 or step == stop_at):
+                publish()
+    except Diverged as e:
+        publish()
+        last = out_dir / "last.safetensors"
+        kept = f"the last good checkpoint is {last} (step {progress['saved_step']})" if last.exists() else \
+            "no checkpoint was written before it"
+        raise TrainError(f"{e}; stopped, {kept}. Try a lower --lr.") from None
+    finally:
+        bar.close()
+    publish()
+    if fabric.is_global_zero:
+        plot_curves(out_dir / "curves.png", rows)
+    return tokens_seen, train_time, total_steps
+
+
+# -----------------------------------------------------------------------------------------------------
+# Command line
+# -----------------------------------------------------------------------------------------------------
+
+
+def build_parser(with_defaults=True):
+    def d(value):  # without defaults, only the flags given on the command line end up in the namespace
+        return value if with_defaults else argparse.SUPPRESS
+
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
+                                argument_default=None if with_defaults else argparse.SUPPRESS)
+    g = p.add_argument_group("data and models")
+    g.add_argument("--data", default=d(data), help="prepared folder (default data/demo; make it with prepare_data.py)")
+    g.add_argument("--llm", default=d(llm), help="LLM checkpoint folder (default: the embedded SmolLM2-135M-Instruct)")
+    g.add_argument("--whisper", default=d(whisper),
+                   help="Whisper name or checkpoint folder whose decoder cross-attention initialises AiW; must be "
+                        "the model that produced the data's audio features (default: read from the data's meta.json)")
+    g.add_argument("--adapter", default=d(None), help="start from this adapter checkpoint instead of the paper's init")
+    g.add_argument("--out", default=d(out), help="output folder (default out/wl-<variant>[-<ablation>])")
+    g = p.add_argument_group("model variant and ablations")
+    g.add_argument("--variant", choices=("L", "M", "S"), default=d(variant), help="WL-L, WL-M or WL-S (default M)")
+    g.add_argument("--kv-layout", choices=("heads", "paper"), default=d(kv_layout),
+                   help="how Whisper keys/values split into heads; 'paper' reproduces the reference code")
+    g.add_argument("--prompt-length", type=int, default=d(prompt_length), help="AiL prefix length (default 10)")
+    g.add_argument("--start-layer", type=int, default=d(start_layer), help="first block with adapters (default 2)")
+    g.add_argument("--no-whisper", action="store_true", default=d(False), help="text-only adapter (no AiW)")
+    g.add_argument("--random-audio", action="store_true", default=d(False),
+                   help="ablation: standard normal noise instead of the audio features")
+    g.add_argument("--random-init", action="store_true", default=d(False),
+                   help="ablation: random instead of identity initialisation of the AiW matrices")
+    g.add_argument("--no-mask", action="store_true", default=d(False),
+                   help="ablation: the loss covers the prompt tokens too")
+    g = p.add_argument_group("optimisation")
+    g.add_argument("--lr", dest="learning_rate", metavar="LR", type=float, default=d(learning_rate),
+                   help="peak AdamW lr (1e-3)")
+    g.add_argument("--min-lr", type=float, default=d(min_lr), help="lr at the last step (1e-5)")
+    g.add_argument("--weight-decay", type=float, default=d(weight_decay), help="AdamW weight decay (0.02)")
+    g.add_argument("--batch", dest="batch_size", metavar="N", type=int, default=d(batch_size),
+                   help="effective batch size (32)")
+    g.add_argument("--micro-batch", dest="micro_batch_size", metavar="N", type=int, default=d(micro_batch_size),
+                   help="examples per forward pass (4); the rest is gradient accumulation")
+    g.add_argument("--epochs", type=int, default=d(epochs), help="epochs (25); the lr schedule spans all of them")
+    g.add_argument("--max-steps", type=int, default=d(max_steps),
+                   help="stop after this many optimizer steps in total (the schedule is unchanged: resume later)")
+    g.add_argument("--patience", type=int, default=d(patience),
+                   help="early stopping: evaluations without a better dev WER (default 5)")
+    g.add_argument("--eval-every", type=int, default=d(eval_every),
+                   help="also evaluate and checkpoint every N steps (default: at each epoch's end only)")
+    g.add_argument("--dev-limit", type=int, default=d(dev_limit),
+                   help="dev utterances decoded for the WER (default 100; 0: val loss only)")
+    g.add_argument("--seed", type=int, default=d(seed))
+    g.add_argument("--resume", action="store_true", default=d(False),
+                   help="continue the run in --out from its last checkpoint, exactly as if never interrupted")
+    g.add_argument("--overwrite", action="store_true", default=d(False),
+                   help="start a new run in an --out that already holds one")
+    g = p.add_argument_group("system")
+    g.add_argument("--accelerator", default=d(accelerator), help="auto | cpu | cuda | mps")
+    g.add_argument("--devices", type=int, default=d(devices), help="devices (processes) per node")
+    g.add_argument("--num-nodes", type=int, default=d(num_nodes))
+    g.add_argument("--strategy", choices=("auto", "ddp", "fsdp", "deepspeed"), default=d(strategy))
+    g.add_argument("--precision", choices=("bf16", "bf16-true", "bf16-mixed", "16-mixed", "32", "32-true"),
+                   default=d(precision),
+                   help="bf16: frozen weights in bf16, adapters fp32, bf16 autocast; bf16-true: everything bf16 (loses "
+                        "small updates to weights near 1); bf16-mixed: fp32 weights, bf16 autocast; 16-mixed (GPU); "
+                        "32. Default: bf16 on a GPU with bf16, 16-mixed on other GPUs, 32 on CPU")
+    g.add_argument("--threads", type=int, default=d(threads),
+                   help="CPU threads per process (default: torch's choice; 1 is faster on a busy machine)")
+    return p
+
+
+def check_run(run):
+    for name in ("batch_size", "micro_batch_size", "epochs", "devices", "num_nodes", "prompt_length", "patience"):
+        if getattr(run, name) < 1:
+            raise TrainError(f"{flag(name)} must be at least 1")
+    if run.max_steps is not None and run.max_steps < 1:
+        raise TrainError("--max-steps must be at least 1")
+    if run.threads is not None and run.threads < 1:
+        raise TrainError("--threads must be at least 1")
+    if run.dev_limit < 0 or run.eval_every < 0 or run.start_layer < 0:
+        raise TrainError("--dev-limit, --eval-every and --start-layer cannot be negative")
+    if run.learning_rate <= 0 or run.min_lr < 0 or run.min_lr > run.learning_rate:
+        raise TrainError("need 0 <= --min-lr <= --lr and --lr > 0")
+
+
+def resolve_run(argv):
+    """The settings of this session: the command line, or for --resume the saved run's recipe plus the flags
+    that may change between sessions."""
+    run = build_parser().parse_args(argv)
+    given = vars(build_parser(with_defaults=False).parse_args(argv))
+    run.out = Path(run.out or default_out(run))
+    if not run.resume and (run.out / "state.ckpt").exists() and not run.overwrite:
+        raise TrainError(f"{run.out} already holds a run: pass --resume to continue it, --overwrite to replace it "
+                         "or --out for a new folder")
+    if run.resume:
+        config_path = run.out / "config.json"
+        if not config_path.is_file() or not (run.out / "state.ckpt").exists():
+            raise TrainError(f"nothing to resume in {run.out} (no config.json + state.ckpt)")
+        saved = json.loads(config_path.read_text())["run"]
+        for key in RECIPE:
+            if key in given and given[key] != saved.get(key) and not (key in ("data", "llm", "whisper", "adapter")
+                                                                      and same_path(given[key], saved.get(key))):
+                raise TrainError(f"{flag(key)} {given[key]} differs from the run being resumed "
+                                 f"({saved.get(key)})")
+            setattr(run, key, saved.get(key))
+    check_run(run)
+    check_data_folder(run)  # the most common mistake; costs nothing to find
+    return run
+
+
+def main(argv=None):
+    try:
+        run = resolve_run(argv)
+        train(run)
+    except TrainError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(1)
+
+
+def train(run):
+    from adapter import is_adapter_param
+    from tokenizer import Tokenizer, TokenizerError
+
+    precision = resolve_precision(run.precision, run.accelerator)
+    fabric = make_fabric(run, precision)
+    fabric.launch()
+    if run.threads:
+        torch.set_num_threads(run.threads)
+    fabric.seed_everything(run.seed)  # the adapters' initial values (the prefix table is random)
+
+    if run.batch_size % (run.micro_batch_size * fabric.world_size):
+        raise TrainError(f"--batch {run.batch_size} must be a multiple of --micro-batch {run.micro_batch_size} × "
+                         f"{fabric.world_size} processes")
+
+    meta = json.loads((Path(run.data) / "meta.json").read_text()) if (Path(run.data) / "meta.json").is_file() else {}
+    if run.whisper is None:
+        run.whisper = meta.get("feature_model") or "tiny.en"
+    elif meta.get("feature_model") and not same_path(meta["feature_model"], run.whisper):
+        fabric.print(f"note: the audio features in {run.data} come from Whisper {meta['feature_model']}, but AiW "
+                     f"copies the cross-attention of {run.whisper}")
+    with fabric.rank_zero_first():  # the first use converts the embedded checkpoints: once, not by every process
+        try:
+            from convert_checkpoint import ConversionError, ensure_llm
+
+            tokenizer = Tokenizer.from_dir(ensure_llm(run.llm))
+        except (ConversionError, TokenizerError) as e:
+            raise TrainError(str(e).splitlines()[0]) from None
+        train_set, dev_set, _ = load_data(run, tokenizer)
+        if len(train_set) < run.batch_size:
+            raise TrainError(f"{run.data}/train has {len(train_set)} utterances, fewer than one batch "
+                             f"({run.batch_size}): lower --batch")
+        if dev_set is not None and run.dev_limit > 0:
+            import generate  # evaluate() decodes with generate.correct: if it is missing, fail now, not hours later
+
+            if not hasattr(generate, "correct"):
+                raise TrainError("generate.py has no correct() to decode the dev set: use --dev-limit 0")
+        model, llm_dir = build(run, fabric, precision, train_set[0]["audio_features"].shape[-1])
+    check_lengths([train_set, dev_set], model.config.block_size)
+    model_config = model.config.to_dict()
+    adapter_names = sorted(n for n, _ in model.named_parameters() if is_adapter_param(n))
+    n_train = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    n_all = sum(p.numel() for p in model.parameters())
+
+    out_dir = run.out  # created once the inputs have loaded: a failed start leaves nothing behind
+    if fabric.is_global_zero:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        if not run.resume:
+            for name in ("state.ckpt", "last.safetensors", "best.safetensors", "log.csv", "curves.png"):
+                if (out_dir / name).is_dir():  # DeepSpeed's state is a folder
+                    shutil.rmtree(out_dir / name)
+                else:
+                    (out_dir / name).unlink(missing_ok=True)
+    fabric.barrier()
+
+    steps_per_epoch = len(train_set) // run.batch_size
+    total_steps = run.epochs * steps_per_epoch
+
+    def make_optimizer(params):
+        return torch.optim.AdamW(params, lr=run.learning_rate, weight_decay=run.weight_decay)
+
+    if run.strategy == "deepspeed":  # DeepSpeed wants the model and its optimizer together
+        optimizer = make_optimizer([p for p in model.parameters() if p.requires_grad])
+        model, optimizer = fabric.setup(model, optimizer)
+    else:  # FSDP needs the wrapped module's parameters in the optimizer: set up the model first
+        model = fabric.setup_module(model)
+        optimizer = fabric.setup_optimizers(make_optimizer([p for p in model.parameters() if p.requires_grad]))
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda s: lr_factor(s, total_steps, run.learning_rate, run.min_lr))
+
+    progress = {"step": 0, "order": [], "order_epoch": -1, "best": None, "best_step": None, "best_metric": None,
+                "bad_evals": 0, "stopped": None, "saved_step": None, "log": []}
+    if run.resume:
+        progress = load_state(fabric, out_dir / "state.ckpt", model, optimizer, scheduler, adapter_names)
+        fabric.print(f"resuming {out_dir} at step {progress['step']} of {total_steps}")
+        if progress["stopped"] or progress["step"] >= total_steps:
+            fabric.print(f"this run has finished ({progress['stopped'] or 'all epochs done'}); nothing to do")
+            return
+
+    config = {"run": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(run).items()},
+              "model": model_config, "llm_dir": str(llm_dir), "precision": precision,
+              "world_size": fabric.world_size, "accumulation_steps": run.batch_size // (run.micro_batch_size *
+                                                                                       fabric.world_size),
+              "train_utterances": len(train_set), "dev_utterances": len(dev_set) if dev_set else 0,
+              "steps_per_epoch": steps_per_epoch, "total_steps": total_steps,
+              "trainable_parameters": n_train}
+    if fabric.is_global_zero:
+        write_atomic(out_dir / "config.json", (json.dumps(config, indent=2) + "\n").encode())
+    fabric.print(f"WL-{run.variant}: {n_train / 1e6:.3f}M trainable of {n_all / 1e6:.1f}M parameters; "
+                 f"{len(train_set)} train / {config['dev_utterances']} dev utterances, {steps_per_epoch} steps per "
+                 f"epoch, batch {run.batch_size} = {run.micro_batch_size} × {config['accumulation_steps']} "
+                 f"accumulation × {fabric.world_size} processes; precision {config['precision']}; output {out_dir}")
+    if dev_set is None:
+        fabric.print(f"note: {run.data} has no dev split: no evaluation, no best checkpoint, no early stopping")
+
+    start_step = progress["step"]
+    tokens, elapsed, total = fit(fabric, run, model, optimizer, scheduler, train_set, dev_set, tokenizer, out_dir,
+                                 progress, adapter_names)
+    steps = progress["step"] - start_step
+    if steps:
+        fabric.print(f"trained {steps} steps ({tokens} tokens) in {elapsed:.1f} s of training steps: "
+                     f"{tokens / elapsed:.1f} tokens/s")
+    if progress["stopped"]:
+        fabric.print(f"{progress['stopped']} (best at step {progress['best_step']})")
+    elif progress["step"] < total:
+        fabric.print(f"stopped at step {progress['step']} of {total}; continue with --resume --out {out_dir}")
+    if progress["best_step"] is not None:
+        best = progress["best"]
+        score = f"dev WER {100 * best:.2f}%" if progress["best_metric"] == "dev WER" else f"val loss {best:.4f}"
+        fabric.print(f"best {score} at step {progress['best_step']}: {out_dir / 'best.safetensors'}")
+
+
+if __name__ == "__main__":
+    main()
