@@ -1,0 +1,1112 @@
+"""Speech + transcripts -> what train.py and evaluate.py read, and the reader of that format.
+
+For every utterance (Whispering-LLaMA, Radhakrishnan et al., EMNLP 2023, §3 and DESIGN.md §1):
+
+    audio ──► Whisper (--nbest-model) ──► 200 samples, T ~ U[0.7, 0.8] ──► dedupe, top 15 by log-prob,
+      │                              └─► greedy 1-best                    ground truth removed
+      └────► Whisper encoder (--feature-model) ──► (1500, W) float16 features
+    n-best ──► Alpaca prompt ──► LLM token ids; labels = ids with the prompt masked (-100)
+
+Sections, in reading order:
+  synthesis     eSpeak NG through ctypes (the embedded demo corpus is spoken by it)
+  prompt        the Alpaca template, build_prompt, tokenize_example (train.py / generate.py import them)
+  demo corpus   an ATIS-like grammar of flight requests, splits, voices, noise
+  inputs        manifests (JSONL/JSON/CSV/TSV), folders (.txt, LibriSpeech), HyPoradise n-best JSON
+  storage       memory-mapped feature shards + a JSONL index, committed a chunk at a time;
+                PreparedDataset and collate (train.py / evaluate.py import them)
+  preparing     the per-utterance pipeline, resumable; the command line
+
+    python prepare_data.py                       # the demo corpus -> data/demo
+    python prepare_data.py --manifest m.jsonl --out data/mine --limit 50
+"""
+import _ctypes
+import argparse
+import atexit
+import csv
+import ctypes
+import io
+import json
+import math
+import os
+import random
+import re
+import shutil
+import sys
+import tempfile
+import threading
+import zlib
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Optional
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+
+class SynthesisError(Exception):
+    """eSpeak NG could not be loaded, or was given a voice or text it cannot speak."""
+
+
+# ----------------------------------------------------------------------------------------------------
+# Speech synthesis: eSpeak NG through ctypes over the library shipped by PyPI `espeakng-loader`
+# ----------------------------------------------------------------------------------------------------
+
+# Constants from espeak-ng's speak_lib.h (the C API is stable since eSpeak 1.x).
+_AUDIO_OUTPUT_SYNCHRONOUS = 2  # the synth callback is called from inside espeak_Synth; no audio device
+_POS_CHARACTER = 1
+_espeakCHARS_UTF8 = 1
+_espeakRATE, _espeakPITCH = 1, 3
+_EE_OK = 0
+
+# typedef int (t_espeak_callback)(short* wav, int numsamples, espeak_EVENT* events); we never read the events.
+_SYNTH_CALLBACK = ctypes.CFUNCTYPE(ctypes.c_int, ctypes.POINTER(ctypes.c_short), ctypes.c_int, ctypes.c_void_p)
+
+_espeak_lock = threading.Lock()  # eSpeak is a process-wide singleton: one synthesis at a time
+_espeak_paths = None  # (private copy of libespeak-ng.so, data path), set up once per process
+_chunks = []  # int16 chunks written by the callback during one espeak_Synth call
+
+
+def _on_audio(wav, numsamples, events):
+    if wav and numsamples > 0:
+        # copy now: the buffer belongs to eSpeak and is reused for the next chunk
+        _chunks.append(np.ctypeslib.as_array(wav, shape=(numsamples,)).astype(np.int16, copy=True))
+    return 0  # 0 = keep synthesising
+
+
+_on_audio_c = _SYNTH_CALLBACK(_on_audio)  # module-level: eSpeak keeps only the raw function pointer
+
+
+def _espeak_setup():
+    """Once per process: find the library and data of `espeakng-loader` and copy the library to a private
+    temporary file, so that no one else in this process holds a handle on the copy we load and unload."""
+    global _espeak_paths
+    if _espeak_paths is None:
+        try:
+            import espeakng_loader
+            src, data_path = espeakng_loader.get_library_path(), espeakng_loader.get_data_path()
+            fd, lib_path = tempfile.mkstemp(prefix="whispering-llama-espeak-", suffix=".so")
+            with os.fdopen(fd, "wb") as f, open(src, "rb") as g:
+                shutil.copyfileobj(g, f)
+        except (ImportError, OSError, RuntimeError) as e:
+            raise SynthesisError(f"cannot find eSpeak NG (pip install espeakng-loader): {e}") from None
+        atexit.register(os.remove, lib_path)
+        _espeak_paths = (lib_path, data_path)
+    return _espeak_paths
+
+
+def _espeak_load():
+    """Load and initialise a fresh eSpeak NG. Returns (lib, sample_rate).
+
+    Why fresh for every utterance: eSpeak's wave generator keeps state in C statics (the pitch-flutter
+    index, the AGC level, the wave phase) that espeak_Terminate does not reset, so the same text would
+    sound slightly different depending on what was spoken before it (measured: 64973, 64990, 65207
+    samples for three identical calls). Unloading the library (dlclose) and loading it again restores
+    every static; it costs a few milliseconds, far less than the speech recognition that follows."""
+    lib_path, data_path = _espeak_setup()
+    try:
+        lib = ctypes.CDLL(lib_path)
+    except OSError as e:
+        raise SynthesisError(f"cannot load eSpeak NG: {e}") from None
+    lib.espeak_Initialize.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_char_p, ctypes.c_int]
+    lib.espeak_SetSynthCallback.argtypes = [_SYNTH_CALLBACK]
+    lib.espeak_SetSynthCallback.restype = None
+    lib.espeak_SetVoiceByName.argtypes = [ctypes.c_char_p]
+    lib.espeak_SetParameter.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int]
+    lib.espeak_Synth.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_uint, ctypes.c_int, ctypes.c_uint,
+                                 ctypes.c_uint, ctypes.c_void_p, ctypes.c_void_p]
+    lib.espeak_ng_SetRandSeed.argtypes = [ctypes.c_long]
+    sample_rate = lib.espeak_Initialize(_AUDIO_OUTPUT_SYNCHRONOUS, 0, data_path.encode(), 0)
+    if sample_rate <= 0:
+        _espeak_unload(lib)
+        raise SynthesisError(f"espeak_Initialize failed with data path {data_path}")
+    lib.espeak_SetSynthCallback(_on_audio_c)
+    lib.espeak_ng_SetRandSeed(1)  # breath/noise sources of some variants draw from eSpeak's own generator
+    return lib, sample_rate
+
+
+def _espeak_unload(lib):
+    lib.espeak_Terminate()
+    _ctypes.dlclose(lib._handle)
+
+
+def synthesize(text, voice="en-us", rate=175, pitch=50):
+    """Speak `text` with eSpeak NG. Returns (int16 samples (N,), sample_rate) — 22050 Hz for eSpeak NG.
+
+    voice: an eSpeak voice name, optionally with a variant ("en-us", "en-us+m3", "en+f2");
+    rate: words per minute (80..450); pitch: base pitch 0..100 (50 = the voice's default).
+    The same arguments give the same samples, whatever was synthesised before."""
+    if not isinstance(text, str) or not text.strip():
+        raise SynthesisError("cannot synthesise empty text")
+    with _espeak_lock:
+        lib, sample_rate = _espeak_load()
+        try:
+            # the voice first: selecting a voice resets rate and pitch to its defaults
+            if lib.espeak_SetVoiceByName(voice.encode()) != _EE_OK:
+                raise SynthesisError(f"unknown eSpeak voice {voice!r} (try 'en-us' or 'en-us+m3')")
+            lib.espeak_SetParameter(_espeakRATE, int(rate), 0)
+            lib.espeak_SetParameter(_espeakPITCH, int(pitch), 0)
+            data = text.encode("utf-8") + b"\0"
+            _chunks.clear()
+            err = lib.espeak_Synth(data, len(data), 0, _POS_CHARACTER, 0, _espeakCHARS_UTF8, None, None)
+            lib.espeak_Synchronize()
+            audio = np.concatenate(_chunks) if _chunks else np.zeros(0, np.int16)
+            _chunks.clear()
+        finally:
+            _espeak_unload(lib)
+    if err != _EE_OK:
+        raise SynthesisError(f"espeak_Synth failed (error {err}) for text {text[:40]!r}")
+    return audio, sample_rate
+
+
+# ----------------------------------------------------------------------------------------------------
+# The prompt (DESIGN.md §1): the Alpaca template with the n-best list as its input
+# ----------------------------------------------------------------------------------------------------
+
+IGNORE_INDEX = -100  # label value that torch.nn.functional.cross_entropy skips
+
+PROMPT_TEMPLATE = (
+    "Below is an instruction that describes a task, paired with an input that provides further context. "
+    "Write a response that appropriately completes the request.\n\n"
+    "### Instruction:\n"
+    "You are an ASR transcript selector. You have a few transcripts generated by an automatic speech recognition "
+    "model. Your task is to generate the most likely transcript from them. If the generated transcripts have "
+    "grammatical or logical errors, you will modify them accordingly to produce the most accurate and coherent "
+    "transcript.\n\n"
+    "### Input:\n"
+    "{input}\n\n"
+    "### Response:"
+)
+
+
+def build_prompt(hypotheses) -> str:
+    """The prompt for one utterance: its n-best hypotheses, one per line, as the Alpaca input.
+    The response (the transcript) follows "### Response:" directly, with no space."""
+    return PROMPT_TEMPLATE.format(input="\n".join(h.strip() for h in hypotheses))
+
+
+def tokenize_example(tokenizer, hypotheses, response):
+    """Token ids and labels for one training example. Returns (ids (T,), labels (T,)) LongTensors.
+
+    The prompt is encoded with BOS and no EOS, prompt + response with BOS and EOS; the labels are the ids
+    with every prompt position set to IGNORE_INDEX, so the loss covers the response and its EOS only
+    (without this masking WER gets much worse: the paper's Table 2)."""
+    prompt = build_prompt(hypotheses)
+    prompt_ids = tokenizer.encode(prompt, bos=True, eos=False)
+    ids = tokenizer.encode(prompt + response.strip(), bos=True, eos=True)
+    labels = ids.clone()
+    labels[: len(prompt_ids)] = IGNORE_INDEX
+    return ids, labels
+
+
+# ----------------------------------------------------------------------------------------------------
+# The embedded demo corpus: ATIS-like flight-information requests from a grammar
+# ----------------------------------------------------------------------------------------------------
+
+# city -> its airports, as people name them. Cities and airports of the original ATIS domain, plus a few.
+AIRPORTS = {
+    "Atlanta": ["Hartsfield-Jackson Atlanta International"],
+    "Baltimore": ["Baltimore-Washington International"],
+    "Boston": ["Logan International", "Boston Logan"],
+    "Charlotte": ["Charlotte Douglas International"],
+    "Chicago": ["O'Hare", "Midway"],
+    "Cincinnati": ["Cincinnati Northern Kentucky International"],
+    "Cleveland": ["Cleveland Hopkins International"],
+    "Columbus": ["John Glenn Columbus International"],
+    "Dallas": ["Dallas-Fort Worth International", "Love Field"],
+    "Denver": ["Denver International"],
+    "Detroit": ["Detroit Metropolitan"],
+    "Houston": ["Bush Intercontinental", "Hobby Airport"],
+    "Indianapolis": ["Indianapolis International"],
+    "Kansas City": ["Kansas City International"],
+    "Las Vegas": ["Harry Reid International", "McCarran"],
+    "Los Angeles": ["LAX", "Los Angeles International"],
+    "Memphis": ["Memphis International"],
+    "Miami": ["Miami International"],
+    "Milwaukee": ["Mitchell International"],
+    "Minneapolis": ["Minneapolis-Saint Paul International"],
+    "Nashville": ["Nashville International"],
+    "New York": ["JFK", "LaGuardia", "Newark"],
+    "Oakland": ["Oakland International"],
+    "Orlando": ["Orlando International"],
+    "Philadelphia": ["Philadelphia International"],
+    "Phoenix": ["Sky Harbor"],
+    "Pittsburgh": ["Pittsburgh International"],
+    "Saint Louis": ["Lambert International"],
+    "Salt Lake City": ["Salt Lake City International"],
+    "San Diego": ["San Diego International", "Lindbergh Field"],
+    "San Francisco": ["San Francisco International", "SFO"],
+    "San Jose": ["San Jose International"],
+    "Seattle": ["Seattle-Tacoma International", "Sea-Tac"],
+    "Tampa": ["Tampa International"],
+    "Washington": ["Dulles", "Reagan National"],
+}
+CITIES = list(AIRPORTS)
+AIRLINES = ["American Airlines", "Delta", "United", "Continental", "Northwest", "US Air", "Southwest",
+            "Alaska Airlines", "JetBlue", "America West", "Frontier", "Midwest Express"]
+WEEKDAYS = ["Monday", "Tuesday", "Wednesday", "Thursday", "Friday", "Saturday", "Sunday"]
+MONTHS = ["January", "February", "March", "April", "May", "June", "July", "August", "September", "October",
+          "November", "December"]
+PARTS_OF_DAY = ["morning", "afternoon", "evening", "night"]
+FARE_CLASSES = ["first class", "business class", "coach", "economy", "discount coach", "premium economy"]
+FARE_CODES = ["Y", "F", "H", "B", "M", "Q", "QX", "QW", "FN", "YN", "BH", "KN"]
+MEALS = ["breakfast", "lunch", "dinner", "a snack", "a vegetarian meal", "a hot meal"]
+GROUND = ["taxi", "limousine", "rental car", "airport shuttle", "city bus", "train"]
+AIRCRAFT = ["Boeing 737", "Boeing 757", "Boeing 767", "Airbus A320", "DC-10", "MD-80", "Boeing 747"]
+PASSENGERS = ["one adult", "two adults", "three adults", "two adults and a child", "a family of four",
+              "two passengers", "four passengers", "one adult and two children"]
+
+# Each template is a sentence in natural written form; {slots} are filled by _fill_slot.
+TEMPLATES = [
+    "Show me flights from {from} to {to}.",
+    "Show me the flights from {from} to {to} {when}.",
+    "Show me all {airline} flights from {from} to {to} {when}.",
+    "I need a flight from {from} to {to} {when}.",
+    "I would like to fly from {from} to {to} {when}.",
+    "I'd like a nonstop flight from {from} to {to} {when}.",
+    "What flights go from {from} to {to} {when}?",
+    "What flights are there from {from} to {to} that arrive before {clock}?",
+    "Are there any nonstop flights from {from} to {to} {when}?",
+    "Please list the flights from {from} to {to} leaving after {clock} on {weekday}.",
+    "List all {airline} flights from {from} to {to}.",
+    "Find me a flight from {from} to {to} with a stop in {via}.",
+    "Give me the flights leaving {airport} for {to} {when}.",
+    "What is the cheapest fare from {from} to {to}?",
+    "What is the cheapest one-way fare from {from} to {to} {day}?",
+    "How much is a {fare} ticket from {from} to {to}?",
+    "What are the {fare} fares on {airline} from {from} to {to}?",
+    "Show me round trip fares from {from} to {to} under {price}.",
+    "Is there a one-way fare from {from} to {to} for less than {price}?",
+    "Which airlines fly from {from} to {to}?",
+    "Which airlines have nonstop service between {from} and {to}?",
+    "Does {airline} have a flight from {from} to {to} {when}?",
+    "What time does the last flight from {from} to {to} leave {day}?",
+    "What time does the first {airline} flight from {from} arrive in {to}?",
+    "When does {airline} flight {flight} arrive in {to}?",
+    "Which flights from {from} to {to} serve {meal}?",
+    "Is {meal} served on {airline} flight {flight}?",
+    "What type of aircraft is used on {airline} flight {flight}?",
+    "Does {airline} fly a {aircraft} from {from} to {to}?",
+    "Does {airline} flight {flight} stop in {via}?",
+    "I want to go from {from} to {to} on {date} and come back on {date2}.",
+    "Book a one-way ticket from {from} to {to} for {passengers} on {date}.",
+    "I need {fare} seats for {passengers} from {from} to {to} {when}.",
+    "How many flights does {airline} have from {from} to {to} {day}?",
+    "What ground transportation is available in {city}?",
+    "Is there a {ground} from {airport} to downtown {city}?",
+    "How much does a {ground} cost from {airport} to downtown {city}?",
+    "How far is {airport} from downtown {city}?",
+    "What airports are there in {city}?",
+    "What does fare code {code} mean?",
+    "What is the arrival time in {to} for {airline} flight {flight}?",
+    "Show me the earliest flight from {from} to {to} {day}.",
+    "What is the latest {airline} flight from {from} to {to} {day}?",
+    "Can I get a {fare} seat from {from} to {to} on {date}?",
+]
+
+
+def _clock(rng, hour=None) -> str:
+    """A clock time as written in US English, between 5 a.m. and 11:45 p.m.: "8 a.m.", "10:30 p.m.", "noon"."""
+    hour = rng.randint(5, 23) if hour is None else hour
+    minute = rng.choice([0, 0, 0, 15, 30, 30, 45])
+    if hour == 12 and minute == 0:
+        return "noon"
+    half = "a.m." if hour < 12 else "p.m."
+    hour12 = (hour - 1) % 12 + 1
+    return f"{hour12} {half}" if minute == 0 else f"{hour12}:{minute:02d} {half}"
+
+
+def _clock_range(rng) -> str:
+    start = rng.randint(5, 19)
+    return f"between {_clock(rng, start)} and {_clock(rng, start + rng.randint(1, 4))}"
+
+
+def _date(rng) -> str:
+    day = rng.randint(1, 28)
+    suffix = "th" if 10 <= day % 100 <= 20 else {1: "st", 2: "nd", 3: "rd"}.get(day % 10, "th")
+    return f"{rng.choice(MONTHS)} {day}{suffix}"
+
+
+def _day(rng) -> str:
+    """When, at the granularity of a day: "on Monday", "on June 5th", "tomorrow"."""
+    r = rng.random()
+    if r < 0.45:
+        return f"on {rng.choice(WEEKDAYS)}"
+    if r < 0.8:
+        return f"on {_date(rng)}"
+    return rng.choice(["today", "tomorrow", f"next {rng.choice(WEEKDAYS)}", f"this {rng.choice(WEEKDAYS)}"])
+
+
+def _when(rng) -> str:
+    """When, with an optional time of day: "on Monday morning", "on June 5th after 3 p.m."."""
+    r = rng.random()
+    if r < 0.25:
+        return _day(rng)
+    if r < 0.45:
+        return f"on {rng.choice(WEEKDAYS)} {rng.choice(PARTS_OF_DAY)}"
+    if r < 0.6:
+        return f"{_day(rng)} in the {rng.choice(PARTS_OF_DAY[:3])}"
+    if r < 0.8:
+        return f"{_day(rng)} {rng.choice(['before', 'after', 'around'])} {_clock(rng)}"
+    if r < 0.9:
+        return f"{_day(rng)} {_clock_range(rng)}"
+    return f"tomorrow {rng.choice(PARTS_OF_DAY[:3])}"
+
+
+def _fill_slot(name, rng, chosen):
+    """The text for one slot. `chosen` carries the cities already picked, so that "from" != "to" != "via"
+    and an {airport} belongs to its {city}."""
+    if name in ("from", "to", "via", "city"):
+        if name == "city" and "airport" in chosen:  # {airport} came first in the template
+            return chosen["airport_city"]
+        city = rng.choice([c for c in CITIES if c not in chosen.values()])
+        if name == "city":
+            chosen["airport_city"] = city
+        return city
+    if name == "airport":
+        city = chosen.get("airport_city") or rng.choice([c for c in CITIES if c not in chosen.values()])
+        chosen["airport_city"] = city
+        return rng.choice(AIRPORTS[city])
+    if name in ("when", "day", "clock", "date", "date2"):
+        return {"when": _when, "day": _day, "clock": _clock, "date": _date, "date2": _date}[name](rng)
+    if name == "flight":
+        return str(rng.choice([rng.randint(10, 99), rng.randint(100, 999), rng.randint(1000, 2999)]))
+    if name == "price":
+        return f"${rng.randrange(150, 1000, 50)}"
+    table = {"airline": AIRLINES, "weekday": WEEKDAYS, "fare": FARE_CLASSES, "code": FARE_CODES, "meal": MEALS,
+             "ground": GROUND, "aircraft": AIRCRAFT, "passengers": PASSENGERS}
+    return rng.choice(table[name])
+
+
+_SLOT = re.compile(r"\{(\w+)\}")
+
+
+def demo_sentence(rng) -> str:
+    """One random sentence of the grammar."""
+    template = rng.choice(TEMPLATES)
+    chosen = {}
+
+    def fill(m):
+        value = _fill_slot(m.group(1), rng, chosen)
+        chosen.setdefault(m.group(1), value)
+        return value
+
+    # a sentence that ends on "a.m." keeps a single full stop
+    return _SLOT.sub(fill, template).replace("..", ".")
+
+
+def demo_sentences(n=3000, seed=0) -> list:
+    """n distinct sentences of the grammar, in a fixed order for a given seed."""
+    rng = random.Random(seed)  # Python's Mersenne Twister: same sequence on every platform and version
+    seen, out = set(), []
+    for _ in range(100 * n):
+        s = demo_sentence(rng)
+        if s not in seen:
+            seen.add(s)
+            out.append(s)
+            if len(out) == n:
+                return out
+    raise ValueError(f"the grammar produced only {len(out)} distinct sentences, fewer than {n}")
+
+
+def split_sentences(sentences, seed=0, fractions=(0.8, 0.1, 0.1)) -> dict:
+    """Split distinct sentences into {"train", "dev", "test"} by sentence: a sentence is in exactly one split."""
+    if len(set(sentences)) != len(sentences):
+        raise ValueError("sentences must be distinct to split them without leakage")
+    order = sorted(sentences)  # independent of the order they came in
+    random.Random(seed + 1).shuffle(order)
+    n_dev, n_test = round(fractions[1] * len(order)), round(fractions[2] * len(order))
+    n_train = len(order) - n_dev - n_test
+    return {"train": order[:n_train], "dev": order[n_train:n_train + n_dev], "test": order[n_train + n_dev:]}
+
+
+def speakable(text: str) -> str:
+    """The text handed to eSpeak for a written sentence: eSpeak reads "$450" as "dollar four hundred
+    fifty", so prices are rewritten as "450 dollars". The written form stays the ground truth."""
+    return re.sub(r"\$(\d+)", r"\1 dollars", text)
+
+
+# eSpeak voices for the demo corpus: American and British English, male and female variants, chosen by
+# tiny.en's WER on them (the Caribbean voice, the klatt variants and m7 came out above 50% on clean speech,
+# en-gb-x-rp well above the others with noise) so that the corpus lands at 10-30% 1-best WER.
+DEMO_VOICES = ["en-us", "en-us+m1", "en-us+m3", "en-us+f2", "en-us+f3", "en+m3"]
+DEMO_SNR_DB = (25.0, 40.0)  # mild: white noise at 10 dB already pushes tiny.en past 60% WER
+DEMO_RATE = (150, 186)  # words per minute; eSpeak's default is 175
+DEMO_PITCH = (35, 66)  # eSpeak's 0-100 scale; 50 is the voice's own
+DEMO_SAMPLE_RATE = 16000  # written at Whisper's rate so that loading needs no resampling
+NOISE_KINDS = ("white", "pink", "brown")
+
+
+def _noise(kind, n, rng):
+    """Unit-variance noise of a colour: white (flat), pink (power ~ 1/f) or brown (power ~ 1/f^2)."""
+    white = rng.standard_normal(n)
+    if kind != "white":
+        spectrum = np.fft.rfft(white)
+        f = np.arange(len(spectrum), dtype=np.float64)
+        f[0] = 1.0
+        spectrum /= np.sqrt(f) if kind == "pink" else f
+        white = np.fft.irfft(spectrum, n)
+    return white / (white.std() + 1e-12)
+
+
+def demo_utterance_settings(utt_id, seed=0) -> dict:
+    """How one demo utterance is spoken: voice, rate, pitch, noise colour and SNR, silence around it.
+    Drawn from a generator seeded by (seed, id), so each utterance is reproducible on its own."""
+    rng = np.random.default_rng([seed, zlib.crc32(utt_id.encode())])
+    return {
+        "voice": DEMO_VOICES[rng.integers(len(DEMO_VOICES))],
+        "rate": int(rng.integers(*DEMO_RATE)),
+        "pitch": int(rng.integers(*DEMO_PITCH)),
+        "noise": NOISE_KINDS[rng.integers(len(NOISE_KINDS))],
+        "snr_db": round(float(rng.uniform(DEMO_SNR_DB[0], DEMO_SNR_DB[1])), 1),
+        "lead_s": round(float(rng.uniform(0.3, 0.8)), 2),  # Whisper garbles speech that starts at 0 s
+        "tail_s": round(float(rng.uniform(0.1, 0.5)), 2),
+        "noise_seed": int(rng.integers(2**31)),
+    }
+
+
+def render_demo_utterance(text, settings) -> np.ndarray:
+    """Speak `text` as `settings` say, at 16 kHz, with silence around it and noise at the SNR.
+    Returns float32 samples in [-1, 1]."""
+    import soxr
+
+    speech, sr = synthesize(speakable(text), settings["voice"], settings["rate"], settings["pitch"])
+    speech = soxr.resample(speech.astype(np.float32) / 32768.0, sr, DEMO_SAMPLE_RATE)
+    speech_power = np.mean(speech.astype(np.float64) ** 2)  # of the speech alone, before the silences
+    lead, tail = (np.zeros(int(settings[k] * DEMO_SAMPLE_RATE), np.float32) for k in ("lead_s", "tail_s"))
+    audio = np.concatenate([lead, speech, tail]).astype(np.float64)
+    rng = np.random.default_rng(settings["noise_seed"])
+    noise = _noise(settings["noise"], len(audio), rng) * np.sqrt(speech_power / 10 ** (settings["snr_db"] / 10))
+    audio = audio + noise
+    peak = np.abs(audio).max()
+    if peak > 0.99:  # scale down rather than clip
+        audio *= 0.99 / peak
+    return audio.astype(np.float32)
+
+
+def _write_audio_atomic(path, audio, sample_rate):
+    import soundfile as sf
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.stem}.tmp{path.suffix}")
+    sf.write(str(tmp), audio, sample_rate, subtype="PCM_16")
+    os.replace(tmp, path)
+
+
+def _write_text_atomic(path, text):
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def build_demo_corpus(out_dir, n=3000, seed=0, limit=None, progress=True) -> Path:
+    """Synthesise the demo corpus under out_dir: audio/<split>/<id>.flac (16 kHz) and manifest.jsonl.
+    Files already there are kept (a rerun only fills in what is missing). Returns the manifest path.
+    limit: at most this many utterances of each split."""
+    out_dir = Path(out_dir)
+    # the ids name sentences through (n, seed): a folder built with others must not be mixed into
+    params, params_path = {"demo_size": n, "seed": seed}, out_dir / "demo.json"
+    if params_path.exists() and json.loads(params_path.read_text()) != params:
+        raise InputError(f"{out_dir} holds a demo corpus built with {params_path.read_text().strip()}; "
+                         "use another --out for other --demo-size / --seed values")
+    _write_text_atomic(params_path, json.dumps(params) + "\n")
+    splits = split_sentences(demo_sentences(n, seed), seed)
+    rows = []
+    for split, sentences in splits.items():
+        for i, text in enumerate(sentences[:limit]):
+            utt_id = f"{split}-{i:05d}"
+            rows.append({"id": utt_id, "audio": f"audio/{split}/{utt_id}.flac", "text": text, "split": split,
+                         **demo_utterance_settings(utt_id, seed)})
+    for row in tqdm(rows, desc="synthesising demo corpus", unit="utt", disable=not progress):
+        path = out_dir / row["audio"]
+        if not path.exists():
+            _write_audio_atomic(path, render_demo_utterance(row["text"], row), DEMO_SAMPLE_RATE)
+    manifest = out_dir / "manifest.jsonl"
+    _write_text_atomic(manifest, "".join(json.dumps(r) + "\n" for r in rows))
+    return manifest
+
+
+# ----------------------------------------------------------------------------------------------------
+# Inputs: manifests (JSONL / CSV / TSV), folders of audio + transcripts, HyPoradise-style n-best JSON
+# ----------------------------------------------------------------------------------------------------
+
+
+class InputError(Exception):
+    """An input (manifest, folder, n-best file) that cannot be read."""
+
+
+@dataclass
+class Utterance:
+    id: str
+    audio: str  # path of the audio file
+    text: Optional[str]  # the ground truth; None when the input has no transcript for this audio
+    split: str
+    nbest: Optional[list] = None  # hypotheses given with the input (HyPoradise); None: sample them
+
+
+AUDIO_EXTENSIONS = (".flac", ".wav", ".mp3", ".ogg", ".opus", ".m4a", ".aac", ".webm")
+# column / field names accepted for each piece of information, first match wins
+_AUDIO_KEYS = ("audio", "audio_path", "audio_filepath", "path", "file", "wav")
+_TEXT_KEYS = ("text", "transcript", "transcription", "sentence", "ground_truth")
+_ID_KEYS = ("id", "utt_id", "key", "uid")
+
+
+def _first(record, keys):
+    for k in keys:
+        if record.get(k) not in (None, ""):
+            return record[k]
+    return None
+
+
+def _resolve(path, base: Path) -> str:
+    p = Path(os.path.expanduser(str(path)))
+    return str(p if p.is_absolute() else base / p)
+
+
+def _read_records(path: Path) -> list:
+    """The records of a JSONL, JSON (a list of objects), CSV or TSV file, as dicts."""
+    suffix = path.suffix.lower()
+    try:
+        text = path.read_text(encoding="utf-8-sig")
+    except (OSError, UnicodeDecodeError) as e:
+        raise InputError(f"cannot read {path}: {e}") from None
+    try:
+        if suffix == ".jsonl":
+            records = [json.loads(line) for line in text.splitlines() if line.strip()]
+        elif suffix == ".json":
+            records = json.loads(text)
+            if isinstance(records, dict):  # {"utt id": {...}, ...}
+                records = [{"id": k, **v} for k, v in records.items()]
+        elif suffix in (".csv", ".tsv"):
+            records = list(csv.DictReader(io.StringIO(text), delimiter="\t" if suffix == ".tsv" else ","))
+        else:
+            raise InputError(f"{path}: unknown manifest type {suffix!r} (use .jsonl, .json, .csv or .tsv)")
+    except (json.JSONDecodeError, csv.Error) as e:
+        raise InputError(f"{path}: not valid {suffix[1:].upper()}: {e}") from None
+    if not isinstance(records, list) or not all(isinstance(r, dict) for r in records):
+        raise InputError(f"{path}: expected one object per utterance")
+    return records
+
+
+def _is_hyporadise(records) -> bool:
+    return bool(records) and isinstance(records[0].get("input"), list) and "output" in records[0]
+
+
+def read_manifest(path, split="train") -> list:
+    """A manifest: one utterance per record with its audio path and transcript, optionally an id and a
+    split. Relative audio paths are relative to the manifest's folder."""
+    path = Path(path)
+    records = _read_records(path)
+    if _is_hyporadise(records):
+        return read_hyporadise(path, split)
+    out = []
+    for n, r in enumerate(records, 1):
+        audio = _first(r, _AUDIO_KEYS)
+        if audio is None:
+            raise InputError(f"{path}: record {n} has no audio path (one of the fields {', '.join(_AUDIO_KEYS)})")
+        text = _first(r, _TEXT_KEYS)
+        utt_id = _first(r, _ID_KEYS) or Path(str(audio)).stem
+        out.append(Utterance(str(utt_id), _resolve(audio, path.parent), None if text is None else str(text),
+                             str(r.get("split") or split)))
+    return out
+
+
+def read_hyporadise(path, split="train", audio_dir=None) -> list:
+    """HyPoradise-style n-best lists: records with "input" (the hypotheses), "output" (the ground truth) and
+    an audio path (a field as in a manifest, or --audio-dir holding a file named after the record's id)."""
+    path = Path(path)
+    records = _read_records(path)
+    out = []
+    for n, r in enumerate(records, 1):
+        if not isinstance(r.get("input"), list) or "output" not in r:
+            raise InputError(f"{path}: record {n} lacks the n-best list 'input' or the transcript 'output'")
+        utt_id = str(_first(r, _ID_KEYS) or f"{path.stem}-{n:06d}")
+        audio = _first(r, _AUDIO_KEYS)
+        if audio is not None:
+            audio = _resolve(audio, path.parent)
+        elif audio_dir is not None:
+            found = [p for ext in AUDIO_EXTENSIONS if (p := Path(audio_dir) / f"{utt_id}{ext}").exists()]
+            audio = str(found[0]) if found else str(Path(audio_dir) / f"{utt_id}.wav")
+        else:
+            raise InputError(f"{path}: record {n} has no audio path; add an 'audio' field or pass --audio-dir "
+                             "with files named after the record ids")
+        out.append(Utterance(utt_id, audio, str(r["output"]), str(r.get("split") or split),
+                             [str(h) for h in r["input"]]))
+    return out
+
+
+def read_directory(root, split="train") -> list:
+    """A folder of audio files with transcripts: a same-named .txt beside each audio file, or
+    LibriSpeech-style <speaker>-<chapter>.trans.txt files with one "<utt id> <transcript>" per line.
+    Audio without a transcript is listed with text None (and later skipped and counted)."""
+    root = Path(root)
+    transcripts = {}  # audio path without extension -> transcript
+    for trans in sorted(root.rglob("*.trans.txt")):
+        for line in trans.read_text(encoding="utf-8").splitlines():
+            if line.strip():
+                utt_id, _, text = line.strip().partition(" ")
+                transcripts[str(trans.parent / utt_id)] = text
+    out = []
+    for audio in sorted(p for p in root.rglob("*") if p.suffix.lower() in AUDIO_EXTENSIONS and p.is_file()):
+        stem = str(audio.with_suffix(""))
+        text = transcripts.get(stem)
+        if text is None and audio.with_suffix(".txt").is_file():
+            text = audio.with_suffix(".txt").read_text(encoding="utf-8").strip()
+        out.append(Utterance(audio.stem, str(audio), text, split))
+    if not out:
+        raise InputError(f"{root}: no audio files ({', '.join(AUDIO_EXTENSIONS)}) found")
+    return out
+
+
+def read_inputs(path, split="train", audio_dir=None) -> list:
+    """Whatever --manifest points at: a folder, a manifest, or a HyPoradise n-best file."""
+    path = Path(path)
+    if not path.exists():
+        raise InputError(f"{path} does not exist")
+    if path.is_dir():
+        return read_directory(path, split)
+    if audio_dir is not None or _is_hyporadise(_read_records(path)):
+        return read_hyporadise(path, split, audio_dir)
+    utterances = read_manifest(path, split)
+    if not utterances:
+        raise InputError(f"{path} lists no utterances")
+    return utterances
+
+
+# ----------------------------------------------------------------------------------------------------
+# Word error rate
+# ----------------------------------------------------------------------------------------------------
+
+
+def normalize_text(text: str) -> str:
+    """The paper's light normalisation: lowercase, remove . , - ? ' (then collapse spaces)."""
+    return " ".join(re.sub(r"[.,\-?']", "", text.lower()).split())
+
+
+def wer(references, hypotheses) -> float:
+    """Corpus word error rate: total edits / total reference words (jiwer), for strings or lists of them."""
+    import jiwer
+
+    return float(jiwer.wer(references, hypotheses))
+
+
+# ----------------------------------------------------------------------------------------------------
+# Storage: one folder per split, features in memory-mapped .npy shards, a JSONL index
+# ----------------------------------------------------------------------------------------------------
+#
+#   <out>/meta.json                   the settings the folder was prepared with (models, seed, samples, ...)
+#   <out>/<split>/index.jsonl         one line per input utterance, in the order they were committed
+#   <out>/<split>/features/NNNNNN.npy float16 (rows, 1500, W) encoder output of the feature model
+#
+# Work is committed a chunk at a time: the chunk's shard is written (temp file + rename), then all its
+# index lines are appended with one write and fsync'ed. Each line carries its chunk number and the number
+# of lines in that chunk, so a torn append (a crash inside the write) is recognised and dropped when the
+# index is read back; a shard whose lines never made it is simply rewritten on the next run.
+
+MAX_SECONDS = 30.0  # Whisper's window; longer audio is skipped
+FRAMES_PER_SECOND = 50  # encoder frames: 100 mel frames per second, halved by the stride-2 convolution
+
+
+def _read_index(path: Path, repair=False) -> list:
+    """The committed lines of an index: torn trailing lines and incomplete chunks dropped. With repair=True
+    the file is rewritten (atomically) without them, so that later appends start on a clean line."""
+    if not path.exists():
+        return []
+    raw = path.read_bytes()
+    lines = []
+    for line in raw.split(b"\n"):
+        try:
+            lines.append(json.loads(line))
+        except ValueError:  # empty or torn line
+            continue
+    counts = {}
+    for e in lines:
+        counts[e["chunk"]] = counts.get(e["chunk"], 0) + 1
+    good = [e for e in lines if counts[e["chunk"]] == e["chunk_lines"]]
+    if repair:
+        text = "".join(json.dumps(e) + "\n" for e in good)
+        if text.encode() != raw:
+            _write_text_atomic(path, text)
+    return good
+
+
+def _append_index(path: Path, lines):
+    with open(path, "a", encoding="utf-8") as f:
+        f.write("".join(json.dumps(e) + "\n" for e in lines))
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def _save_shard(path: Path, features: np.ndarray):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    with open(tmp, "wb") as f:
+        np.save(f, features)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def _commit_chunk(split_dir: Path, chunk: int, features, lines):
+    """Make one chunk durable: its feature shard (if any utterance survived), then its index lines."""
+    if features is not None:
+        _save_shard(split_dir / "features" / f"{chunk:06d}.npy", features)
+    _append_index(split_dir / "index.jsonl", lines)
+
+
+class PreparedDataset(torch.utils.data.Dataset):
+    """The examples of one split of a prepared folder.
+
+    Item i: dict(ids (T,) long, labels (T,) long with the prompt masked as IGNORE_INDEX,
+    audio_features (F, W) float16 tensor, meta dict: id, text, hypotheses, one_best, oracle, ...).
+    Features are read from memory-mapped shards, so the dataset never needs to fit in RAM.
+    tokenizer: re-tokenise the prompts with this LLM tokenizer instead of using the stored ids (for an LLM
+    other than the one the folder was prepared for)."""
+
+    def __init__(self, root, split, tokenizer=None):
+        self.root, self.split = Path(root), split
+        index = self.root / split / "index.jsonl"
+        if not index.exists():
+            raise FileNotFoundError(f"{index} not found: prepare the data first (python prepare_data.py)")
+        self.entries = [e for e in _read_index(index) if "skipped" not in e]
+        meta_path = self.root / "meta.json"
+        self.meta = json.loads(meta_path.read_text()) if meta_path.exists() else {}
+        self.tokenizer = tokenizer
+        self._shards = {}
+
+    def __len__(self):
+        return len(self.entries)
+
+    def _shard(self, n):
+        if n not in self._shards:
+            self._shards[n] = np.load(self.root / self.split / "features" / f"{n:06d}.npy", mmap_mode="r")
+        return self._shards[n]
+
+    def __getitem__(self, i):
+        e = self.entries[i]
+        features = torch.from_numpy(np.array(self._shard(e["shard"])[e["row"]]))  # copy out of the mmap
+        if self.tokenizer is not None:
+            ids, labels = tokenize_example(self.tokenizer, e["hypotheses"], e["text"])
+        else:
+            ids = torch.tensor(e["ids"], dtype=torch.long)
+            labels = ids.clone()
+            labels[: e["prompt_len"]] = IGNORE_INDEX
+        meta = {k: v for k, v in e.items() if k not in ("ids", "chunk", "chunk_lines", "shard", "row")}
+        return {"ids": ids, "labels": labels, "audio_features": features, "meta": meta}
+
+
+def collate(batch, pad_id=0):
+    """Stack examples into a batch: ids right-padded with pad_id, labels with IGNORE_INDEX (so padding never
+    counts in the loss), features (B, F, W), meta a list."""
+    T = max(len(b["ids"]) for b in batch)
+    ids = torch.full((len(batch), T), pad_id, dtype=torch.long)
+    labels = torch.full((len(batch), T), IGNORE_INDEX, dtype=torch.long)
+    for i, b in enumerate(batch):
+        ids[i, : len(b["ids"])] = b["ids"]
+        labels[i, : len(b["labels"])] = b["labels"]
+    features = torch.stack([b["audio_features"] for b in batch])
+    return {"ids": ids, "labels": labels, "audio_features": features, "meta": [b["meta"] for b in batch]}
+
+
+# ----------------------------------------------------------------------------------------------------
+# Preparing: n-best, 1-best, oracle, features and tokens per utterance
+# ----------------------------------------------------------------------------------------------------
+
+
+class PrepareError(Exception):
+    """An output folder that cannot be (re)used, or models that cannot be loaded."""
+
+
+@dataclass
+class PrepareConfig:
+    nbest_model: str = "tiny.en"  # Whisper that writes the hypotheses (name or checkpoint folder)
+    feature_model: Optional[str] = None  # Whisper whose encoder gives the audio features; None: nbest_model
+    llm: Optional[str] = None  # LLM checkpoint folder for the tokenizer; None: the embedded SmolLM2
+    seed: int = 0
+    samples: int = 200  # sampled transcripts per utterance (the paper's 200)
+    keep: int = 15  # hypotheses kept, by log-probability
+    temperature: tuple = (0.7, 0.8)
+    keep_ground_truth: bool = False  # the paper removes the ground truth from the n-best list
+    batch_size: int = 8  # clips per encoder / greedy-decoder batch
+    chunk_size: int = 32  # utterances per commit (and per feature shard)
+
+    def settings(self) -> dict:
+        """What decides the folder's content (batch and chunk sizes do not)."""
+        d = asdict(self)
+        d["feature_model"] = d["feature_model"] or d["nbest_model"]
+        d["temperature"] = list(d["temperature"])
+        for k in ("batch_size", "chunk_size"):
+            d.pop(k)
+        return d
+
+
+class _Models:
+    """The Whisper models and the LLM tokenizer, loaded on first need (a rerun with nothing left to do
+    loads nothing)."""
+
+    def __init__(self, cfg: PrepareConfig):
+        from convert_checkpoint import ConversionError
+        from whisper_model import load_whisper
+
+        try:
+            self.nbest, self.whisper_tokenizer = load_whisper(cfg.nbest_model)
+            feature_model = cfg.feature_model or cfg.nbest_model
+            self.features = self.nbest if feature_model == cfg.nbest_model else load_whisper(feature_model)[0]
+            self.tokenizer = load_llm_tokenizer(cfg.llm)
+        except (OSError, ValueError, ConversionError) as e:  # missing checkpoints, bad conversions, tokenizers
+            raise PrepareError(str(e).splitlines()[0]) from None
+        self.nbest.eval()
+        self.features.eval()
+
+
+def load_llm_tokenizer(llm=None):
+    """The LLM's tokenizer from its checkpoint folder (None: the embedded SmolLM2, converted on first use)."""
+    from convert_checkpoint import ensure_llm
+    from tokenizer import Tokenizer
+
+    return Tokenizer.from_dir(ensure_llm(llm))
+
+
+def utterance_seed(seed: int, utt_id: str) -> int:
+    """The sampling seed of one utterance: from the run's seed and the id only, so an utterance gets the same
+    n-best list whatever else is in the corpus and whichever run (first or resumed) processes it."""
+    return zlib.crc32(f"{seed}:{utt_id}".encode()) & 0x7FFFFFFF
+
+
+def _check_utterance(u: Utterance):
+    """(audio float32 16 kHz, None) or (None, reason it is skipped)."""
+    from whisper_model import SAMPLE_RATE, AudioError, load_audio
+
+    if u.text is None:
+        return None, "no transcript"
+    if not u.text.strip():
+        return None, "empty transcript"
+    try:
+        audio = load_audio(u.audio)
+    except AudioError:
+        return None, "bad audio"
+    if len(audio) > MAX_SECONDS * SAMPLE_RATE:
+        return None, "longer than 30 s"
+    return audio, None
+
+
+@torch.inference_mode()
+def _encode(model, audios):
+    """Encoder output (B, F, W) for a list of 16 kHz clips of at most 30 s, as one batch."""
+    from whisper_model import N_SAMPLES, log_mel_spectrogram, pad_or_trim
+
+    batch = np.stack([pad_or_trim(a, N_SAMPLES) for a in audios])  # (B, 480000)
+    return model.embed_audio(log_mel_spectrogram(batch, n_mels=model.dims.n_mels))
+
+
+def _process_chunk(utts, models: _Models, cfg: PrepareConfig, chunk: int, progress):
+    """Everything for one chunk of utterances. Returns (features (rows, F, W) float16 or None, index lines)."""
+    from whisper_model import SAMPLE_RATE, decode_greedy, sample_nbest
+
+    checked = [(u, *_check_utterance(u)) for u in utts]
+    good = [(u, a) for u, a, reason in checked if reason is None]
+    records, feature_rows = {}, []
+    for b in range(0, len(good), cfg.batch_size):
+        batch = good[b: b + cfg.batch_size]
+        audios = [a for _, a in batch]
+        with torch.inference_mode():
+            feats = _encode(models.nbest, audios)  # (B, 1500, W)
+            stored = feats if models.features is models.nbest else _encode(models.features, audios)
+            feature_rows.append(stored.to(torch.float16).numpy())
+            one_best = decode_greedy(models.nbest, models.whisper_tokenizer, feats)
+            for j, (u, audio) in enumerate(batch):
+                if u.nbest is not None:  # given with the input (HyPoradise): no log-probabilities
+                    nbest = [(h.strip(), None) for h in u.nbest if h.strip()]
+                else:
+                    nbest = sample_nbest(models.nbest, models.whisper_tokenizer, feats[j: j + 1],
+                                         n_samples=cfg.samples, keep=cfg.keep, temperature=cfg.temperature,
+                                         seed=utterance_seed(cfg.seed, u.id))
+                records[u.id] = _record(u, audio, nbest, one_best[j], cfg, models.tokenizer, SAMPLE_RATE)
+                progress.update(1)
+    lines, row = [], 0
+    for u, _, reason in checked:
+        if reason is not None:
+            lines.append({"id": u.id, "split": u.split, "audio": u.audio, "skipped": reason})
+            progress.update(1)
+        else:
+            lines.append({**records[u.id], "shard": chunk, "row": row})
+            row += 1
+    for line in lines:
+        line.update(chunk=chunk, chunk_lines=len(lines))
+    return (np.concatenate(feature_rows) if feature_rows else None), lines
+
+
+def _record(u: Utterance, audio, nbest, one_best, cfg: PrepareConfig, tokenizer, sample_rate) -> dict:
+    text = u.text.strip()
+    hypotheses = [h for h, _ in nbest]
+    logprobs = [None if lp is None else round(lp, 4) for _, lp in nbest]
+    in_nbest = text in hypotheses
+    if in_nbest and not cfg.keep_ground_truth:  # the paper removes it: the model must correct, not copy
+        logprobs = [lp for h, lp in zip(hypotheses, logprobs) if h != text]
+        hypotheses = [h for h in hypotheses if h != text]
+    wers = [wer(text, h) for h in hypotheses]
+    best = int(np.argmin(wers)) if wers else None
+    ids, labels = tokenize_example(tokenizer, hypotheses, text)
+    duration = len(audio) / sample_rate
+    return {
+        "id": u.id, "split": u.split, "audio": u.audio, "text": text,
+        "duration": round(duration, 3), "n_frames": min(math.ceil(duration * FRAMES_PER_SECOND), 1500),
+        "hypotheses": hypotheses, "logprobs": logprobs, "ground_truth_in_nbest": in_nbest,
+        "one_best": one_best, "one_best_wer": wer(text, one_best),
+        "oracle": hypotheses[best] if wers else one_best, "oracle_wer": wers[best] if wers else wer(text, one_best),
+        "ids": ids.tolist(), "prompt_len": int((labels == IGNORE_INDEX).sum()),
+    }
+
+
+def _check_meta(out_dir: Path, cfg: PrepareConfig):
+    """meta.json records the settings; a folder prepared with other settings is never mixed into."""
+    path = out_dir / "meta.json"
+    settings = cfg.settings()
+    if path.exists():
+        old = json.loads(path.read_text())
+        changed = [k for k in settings if old.get(k) != settings[k]]
+        if changed:
+            raise PrepareError(f"{out_dir} was prepared with other settings ({', '.join(changed)}); "
+                               "use another --out or the same settings")
+    else:
+        _write_text_atomic(path, json.dumps(settings, indent=2) + "\n")
+
+
+def prepare(utterances, out_dir, cfg: PrepareConfig = PrepareConfig(), limit=None, progress=True) -> dict:
+    """Prepare `utterances` into out_dir, resuming where an earlier run stopped. Returns summary(out_dir).
+    limit: at most this many utterances of each split."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    _check_meta(out_dir, cfg)
+    by_split, seen, duplicates = {}, set(), {}
+    for u in utterances:
+        if u.id in seen:  # an id names one utterance: a second one would break resuming
+            duplicates[u.split] = duplicates.get(u.split, 0) + 1
+            continue
+        seen.add(u.id)
+        by_split.setdefault(u.split, []).append(u)
+    todo = {}
+    for split, utts in by_split.items():
+        index = _read_index(out_dir / split / "index.jsonl", repair=True)
+        done = {e["id"] for e in index}
+        todo[split] = (max((e["chunk"] for e in index), default=-1) + 1,
+                       [u for u in utts[:limit] if u.id not in done])
+    total = sum(len(utts) for _, utts in todo.values())
+    if total:
+        models = _Models(cfg)
+        with tqdm(total=total, desc="n-best + features", unit="utt", disable=not progress) as bar:
+            for split, (next_chunk, utts) in todo.items():
+                for c in range(0, len(utts), cfg.chunk_size):
+                    chunk = next_chunk + c // cfg.chunk_size
+                    features, lines = _process_chunk(utts[c: c + cfg.chunk_size], models, cfg, chunk, bar)
+                    _commit_chunk(out_dir / split, chunk, features, lines)
+    result = summary(out_dir)
+    for split, n in duplicates.items():
+        result.setdefault(split, {"utterances": 0, "skipped": {}})["skipped"]["duplicate id"] = n
+    return result
+
+
+def summary(out_dir) -> dict:
+    """Per split: utterances prepared, skipped (by reason), 1-best and oracle WER (raw and normalised)."""
+    out_dir = Path(out_dir)
+    result = {}
+    for index in sorted(out_dir.glob("*/index.jsonl")):
+        entries = _read_index(index)
+        kept = [e for e in entries if "skipped" not in e]
+        skipped = {}
+        for e in entries:
+            if "skipped" in e:
+                skipped[e["skipped"]] = skipped.get(e["skipped"], 0) + 1
+        s = {"utterances": len(kept), "skipped": skipped}
+        if kept:
+            refs = [e["text"] for e in kept]
+            for name, hyps in (("one_best", [e["one_best"] for e in kept]), ("oracle", [e["oracle"] for e in kept])):
+                s[f"{name}_wer"] = wer(refs, hyps)
+                s[f"{name}_wer_normalized"] = wer([normalize_text(r) for r in refs],
+                                                  [normalize_text(h) for h in hyps])
+        result[index.parent.name] = s
+    return result
+
+
+def format_summary(result) -> str:
+    rows = [f"{'split':<8}{'utterances':>11}{'skipped':>9}{'1-best WER':>12}{'oracle WER':>12}"
+            f"{'1-best norm.':>14}{'oracle norm.':>14}"]
+    order = {"train": 0, "dev": 1, "test": 2}
+    reasons = {}
+    for split in sorted(result, key=lambda s: (order.get(s, 3), s)):
+        s = result[split]
+        pct = lambda k: f"{100 * s[k]:.2f}%" if k in s else "-"  # noqa: E731
+        rows.append(f"{split:<8}{s['utterances']:>11}{sum(s['skipped'].values()):>9}{pct('one_best_wer'):>12}"
+                    f"{pct('oracle_wer'):>12}{pct('one_best_wer_normalized'):>14}{pct('oracle_wer_normalized'):>14}")
+        for r, n in s["skipped"].items():
+            reasons[r] = reasons.get(r, 0) + n
+    if reasons:
+        rows.append("skipped: " + ", ".join(f"{n} {r}" for r, n in sorted(reasons.items())))
+    return "\n".join(rows)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Command line
+# ----------------------------------------------------------------------------------------------------
+
+DATA = Path(__file__).resolve().parent / "data"
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(
+        description="Turn speech + transcripts into what train.py and evaluate.py read: per utterance the Whisper "
+                    "n-best list (200 samples at temperature 0.7-0.8, top 15 by log-probability, ground truth "
+                    "removed), the greedy 1-best, the oracle, encoder features (float16) and the tokenised "
+                    "Alpaca prompt. With no --manifest, synthesises the embedded demo corpus (ATIS-like flight "
+                    "requests spoken by eSpeak NG) into data/demo. Reruns resume where the last run stopped.")
+    parser.add_argument("--manifest", help="a manifest (.jsonl/.json/.csv/.tsv with audio path and transcript, "
+                                           "optional id and split), a folder of audio files with .txt or "
+                                           "LibriSpeech *.trans.txt transcripts, or a HyPoradise n-best JSON "
+                                           "(records with 'input' and 'output'); default: the demo corpus")
+    parser.add_argument("--out", help="output folder (default data/demo, or data/<manifest name>)")
+    parser.add_argument("--split", default="train", help="split of inputs that do not name one (default train)")
+    parser.add_argument("--audio-dir", help="for n-best JSON without audio paths: folder of <id>.<ext> files")
+    parser.add_argument("--llm", help="LLM checkpoint folder whose tokenizer encodes the prompts "
+                                      "(default: the embedded SmolLM2-135M-Instruct, converted on first use)")
+    parser.add_argument("--nbest-model", default="tiny.en", help="Whisper that samples the hypotheses")
+    parser.add_argument("--feature-model", help="Whisper whose encoder gives the audio features "
+                                                "(default: the --nbest-model)")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--samples", type=int, default=200, help="transcripts sampled per utterance")
+    parser.add_argument("--keep", type=int, default=15, help="hypotheses kept per utterance")
+    parser.add_argument("--keep-ground-truth", action="store_true",
+                        help="keep the ground truth in the n-best list when it was sampled (the paper removes it)")
+    parser.add_argument("--limit", type=int, help="at most this many utterances of each split")
+    parser.add_argument("--demo-size", type=int, default=3000, help="sentences in the demo corpus (80/10/10 split)")
+    parser.add_argument("--batch-size", type=int, default=8, help="clips per encoder batch")
+    parser.add_argument("--chunk-size", type=int, default=32, help="utterances per commit and feature shard")
+    parser.add_argument("--threads", type=int, default=os.cpu_count(), help="torch threads (default: all cores)")
+    args = parser.parse_args(argv)
+    torch.set_num_threads(max(1, args.threads))
+    cfg = PrepareConfig(nbest_model=args.nbest_model, feature_model=args.feature_model, llm=args.llm,
+                        seed=args.seed, samples=args.samples, keep=args.keep,
+                        keep_ground_truth=args.keep_ground_truth, batch_size=args.batch_size,
+                        chunk_size=args.chunk_size)
+    try:
+        if args.limit is not None and args.limit < 1:
+            raise InputError("--limit must be at least 1")
+        if args.manifest is None:
+            out = Path(args.out or DATA / "demo")
+            manifest = build_demo_corpus(out, args.demo_size, args.seed, args.limit)
+            utterances = read_manifest(manifest)
+        else:
+            out = Path(args.out or DATA / Path(args.manifest).name.split(".")[0])
+            utterances = read_inputs(args.manifest, args.split, args.audio_dir)
+        result = prepare(utterances, out, cfg, limit=args.limit)
+    except (InputError, SynthesisError, PrepareError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(1)
+    print(f"prepared {out}")
+    print(format_summary(result))
+
+
+if __name__ == "__main__":
+    main()
