@@ -78,6 +78,9 @@ class WLConfig(Config):
     use_whisper: bool = True  # False: text-only adapter (AiL only)
     random_audio: bool = False  # replace the audio features with standard normal noise
     identity_init: bool = True  # False: down/up/Q_d/Q_h drawn from a standard normal
+    # Attend only to the encoder frames that carry audio (ceil(seconds · 50); a 3 s clip fills 150 of the 1500),
+    # instead of the whole 30 s window the paper uses. Saves compute and memory; changes the function.
+    trim_audio: bool = False
 
     def __post_init__(self):
         super().__post_init__()
@@ -307,10 +310,13 @@ class WhisperingLLaMA(LLaMA):
         for block in self.adapter_blocks():
             block.attn.prefix_cache = block.attn.whisper_cache = None
 
-    def forward(self, idx, audio=None, input_pos=None, logits_mask=None):
+    def forward(self, idx, audio=None, input_pos=None, logits_mask=None, audio_frames=None):
         """idx (B, T), audio (B, F, W) encoder features → logits (as LLaMA.forward).
 
-        While decoding (input_pos given) pass audio with the first step only: k̂/v̂ are cached."""
+        While decoding (input_pos given) pass audio with the first step only: k̂/v̂ are cached.
+        audio_frames: frames that carry audio (the longest in the batch); used when config.trim_audio."""
+        if audio is not None and self.config.trim_audio and audio_frames is not None:
+            audio = audio[:, : max(1, int(audio_frames))]
         if audio is not None and self.config.random_audio:  # ablation: the audio carries no information
             audio = torch.randn(audio.shape, device=audio.device, dtype=torch.float32)
         x, cos, sin, mask = self.prepare(idx, input_pos)
@@ -456,7 +462,7 @@ def from_reference_names(state: dict) -> dict:
 
 # The adapter fields of WLConfig: together with the LLM and Whisper checkpoints they rebuild the model.
 ADAPTER_FIELDS = ("adapter_prompt_length", "adapter_start_layer", "variant", "kv_layout", "adapter_norm_eps",
-                  "use_whisper", "random_audio", "identity_init")
+                  "use_whisper", "random_audio", "identity_init", "trim_audio")
 
 
 def save_adapter(model: WhisperingLLaMA, path, llm=None, whisper=None, extra=None) -> Path:

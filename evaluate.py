@@ -284,7 +284,7 @@ def run_adapter(adapter, ds: PreparedDataset, llm=None, whisper=None, device="cp
         meta = item["meta"]
         try:
             outputs.append(correct(model, tokenizer, meta["hypotheses"] or [meta["one_best"]], features.to(device),
-                                   max_new_tokens=max_new_tokens))
+                                   max_new_tokens=max_new_tokens, audio_frames=meta.get("n_frames")))
         except GenerateError as e:  # e.g. a prompt longer than the LLM's context
             raise EvalError(f"{meta['id']}: {e}") from None
     return outputs

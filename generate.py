@@ -19,6 +19,7 @@ Decoding (`generate`) uses the KV cache: the prompt is run once in a single forw
 cache (prefill), then each new token costs one forward pass over that token alone.
 """
 import argparse
+import math
 import sys
 import time
 from pathlib import Path
@@ -207,9 +208,10 @@ def response_text(text: str) -> str:
 
 
 @torch.inference_mode()
-def correct(model, tokenizer, hypotheses, audio_features, max_new_tokens: int = 150) -> str:
+def correct(model, tokenizer, hypotheses, audio_features, max_new_tokens: int = 150, audio_frames=None) -> str:
     """One utterance: its n-best hypotheses and audio features (F, W) or (1, F, W) → corrected transcript.
-    Greedy decoding with the KV cache; the audio's keys/values are computed once, at the prefill."""
+    Greedy decoding with the KV cache; the audio's keys/values are computed once, at the prefill.
+    audio_frames: encoder frames that carry the audio (ceil(seconds · 50)), for adapters with trim_audio."""
     from prepare_data import build_prompt
 
     if not hypotheses:
@@ -219,7 +221,8 @@ def correct(model, tokenizer, hypotheses, audio_features, max_new_tokens: int = 
     audio = audio.to(param.device)
     # Encoded exactly as in training (prepare_data.tokenize_example): BOS, the prompt, no EOS.
     prompt_ids = tokenizer.encode(build_prompt(hypotheses), bos=True, eos=False).to(param.device)
-    ids = generate(model, prompt_ids, max_new_tokens, temperature=0.0, eos_id=tokenizer.eos_id, audio=audio)
+    kwargs = dict(audio_frames=audio_frames) if audio_frames is not None else {}
+    ids = generate(model, prompt_ids, max_new_tokens, temperature=0.0, eos_id=tokenizer.eos_id, audio=audio, **kwargs)
     return response_text(tokenizer.decode(ids[len(prompt_ids):]))
 
 
@@ -277,7 +280,8 @@ def transcribe_and_correct(path, hyp_model, hyp_tok, feat_model, wl, tokenizer, 
         result["nbest"].append([dict(text=t, logprob=lp) for t, lp in nbest])
         if wl is not None:
             hyps = [t for t, _ in nbest] or [one_best[i]]
-            corrected.append(correct(wl, tokenizer, hyps, wl_feats[i], args.max_new_tokens))
+            frames = math.ceil(len(pieces[i]) / 320)  # 50 encoder frames per second of 16 kHz audio
+            corrected.append(correct(wl, tokenizer, hyps, wl_feats[i], args.max_new_tokens, audio_frames=frames))
     if wl is not None:
         result["corrected"] = " ".join(c for c in corrected if c).strip()
     return result

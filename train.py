@@ -83,8 +83,8 @@ threads = None  # CPU threads per process; None: torch's (or Fabric's, with seve
 # Settings that define the training run: --resume takes them from the run's config.json, and an explicit flag
 # that disagrees is an error. The others (devices, precision, max steps, ...) may change between sessions.
 RECIPE = ("data", "llm", "whisper", "variant", "kv_layout", "prompt_length", "start_layer", "no_whisper",
-          "random_audio", "random_init", "no_mask", "adapter", "learning_rate", "min_lr", "weight_decay",
-          "batch_size", "epochs", "patience", "dev_limit", "eval_every", "seed")
+          "random_audio", "random_init", "no_mask", "trim_audio", "adapter", "learning_rate", "min_lr",
+          "weight_decay", "batch_size", "epochs", "patience", "dev_limit", "eval_every", "seed")
 
 
 def flag(dest: str) -> str:
@@ -128,7 +128,8 @@ def micro_batch_loss(model, batch, use_audio=True):
     inputs, targets = batch["ids"][:, :-1], batch["labels"][:, 1:]
     mask = targets != IGNORE_INDEX  # (B, T-1)
     audio = batch["audio_features"] if use_audio else None
-    logits = model(inputs, audio, logits_mask=mask)  # (N, vocab) for the N labelled positions
+    frames = max(m.get("n_frames", 1500) for m in batch["meta"]) if audio is not None else None
+    logits = model(inputs, audio, logits_mask=mask, audio_frames=frames)  # (N, vocab) at the N labelled positions
     return F.cross_entropy(logits.float(), targets[mask], reduction="sum"), int(mask.sum())
 
 
@@ -260,7 +261,8 @@ def evaluate(fabric, model, dev, tokenizer, run):
                     item = dev[i]
                     features = fabric.to_device(item["audio_features"])
                     with fabric.autocast():
-                        hyps.append(correct(net, tokenizer, item["meta"]["hypotheses"], features))
+                        hyps.append(correct(net, tokenizer, item["meta"]["hypotheses"], features,
+                                            audio_frames=item["meta"].get("n_frames")))
                     refs.append(item["meta"]["text"])
                 counts = jiwer.process_words(refs, hyps)
                 sums[2] += counts.substitutions + counts.deletions + counts.insertions
@@ -550,7 +552,7 @@ def build(run, fabric, precision, feature_width):
         model = build_model(llm_dir, whisper_model, device=device, variant=run.variant, kv_layout=run.kv_layout,
                             adapter_prompt_length=run.prompt_length, adapter_start_layer=run.start_layer,
                             use_whisper=not run.no_whisper, random_audio=run.random_audio,
-                            identity_init=not run.random_init)
+                            identity_init=not run.random_init, trim_audio=run.trim_audio)
         if run.adapter:
             load_adapter_file(model, run.adapter)
     except (ValueError, FileNotFoundError) as e:
@@ -703,6 +705,9 @@ def build_parser(with_defaults=True):
                    help="ablation: standard normal noise instead of the audio features")
     g.add_argument("--random-init", action="store_true", default=d(False),
                    help="ablation: random instead of identity initialisation of the AiW matrices")
+    g.add_argument("--trim-audio", action="store_true", default=d(False),
+                   help="attend only to the encoder frames that carry audio, not the whole 30 s window "
+                        "(faster, less memory; not the paper's setting)")
     g.add_argument("--no-mask", action="store_true", default=d(False),
                    help="ablation: the loss covers the prompt tokens too")
     g = p.add_argument_group("optimisation")

@@ -210,3 +210,12 @@ def test_adapter_state_roundtrip_and_reference_names(tmp_path):
         assert torch.equal(v, state[k])
     with pytest.raises(ValueError, match="does not match"):
         A.load_adapter_state(make_model("H>Hw,D>Dw,gqa", variant="L"), state)
+
+
+def test_trim_audio_uses_only_the_frames_that_carry_audio():
+    model = make_model("H>Hw,D>Dw,gqa", trim_audio=True)
+    idx = torch.randint(0, 97, (2, 6))
+    audio = torch.randn(2, 40, model.config.whisper_width, dtype=torch.float64)
+    trimmed = model(idx, audio, audio_frames=13)
+    torch.testing.assert_close(trimmed, literal_forward(model, idx, audio[:, :13]), atol=1e-9, rtol=1e-7)
+    assert not torch.allclose(trimmed, model(idx, audio))  # without audio_frames: all 40 frames
