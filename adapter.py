@@ -238,7 +238,8 @@ class AdapterAttention(CausalSelfAttention):
 
     def transform_query(self, q: torch.Tensor) -> torch.Tensor:
         """q'' [b, h, t, :] = Σ_h' (q Q_d)[b, h', t, :] · Q_h[h', h]."""
-        return torch.einsum("bitd,ih->bhtd", q @ self.adapter_q_dim, self.adapter_q_head)
+        q = torch.einsum("bitd,ih->bhtd", q @ self.adapter_q_dim, self.adapter_q_head)
+        return q.contiguous()  # einsum may return a strided view; the fused attention kernel needs stride 1
 
     def forward(self, x, cos, sin, mask=None, input_pos=None, audio=None):
         q, y = self.attend(x, cos, sin, mask, input_pos)
