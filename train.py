@@ -128,7 +128,8 @@ def micro_batch_loss(model, batch, use_audio=True):
     inputs, targets = batch["ids"][:, :-1], batch["labels"][:, 1:]
     mask = targets != IGNORE_INDEX  # (B, T-1)
     audio = batch["audio_features"] if use_audio else None
-    frames = max(m.get("n_frames", 1500) for m in batch["meta"]) if audio is not None else None
+    metas = batch.get("meta") or []  # n_frames: the frames that carry audio (used with --trim-audio)
+    frames = max((m.get("n_frames", audio.shape[1]) for m in metas), default=None) if audio is not None else None
     logits = model(inputs, audio, logits_mask=mask, audio_frames=frames)  # (N, vocab) at the N labelled positions
     return F.cross_entropy(logits.float(), targets[mask], reduction="sum"), int(mask.sum())
 
