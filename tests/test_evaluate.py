@@ -12,6 +12,8 @@ import prepare_data  # noqa: E402
 from evaluate import (EvalError, corpus_wer, gtmr, light_normalize, oracle_index, score,  # noqa: E402
                       whisper_normalize, werr, word_errors)
 
+pytestmark = pytest.mark.usefixtures("one_thread")  # see conftest.py
+
 # ----------------------------------------------------------------------------------------------------
 # A fixed example, scored by hand.
 #
@@ -300,17 +302,6 @@ def byte_tokenizer_files():
            "added_tokens": [{"id": 256, "content": "<s>"}, {"id": 257, "content": "</s>"}]}
     return [("tokenizer.json", json.dumps(tok)),
             ("tokenizer_config.json", json.dumps({"bos_token": "<s>", "eos_token": "</s>"}))], 258
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny tensors: one thread is fastest, and far faster when other processes share the cores."""
-    import torch
-
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 @pytest.fixture(scope="module")

@@ -23,6 +23,8 @@ from model import LLaMA, Config
 from tokenizer import GPT2_PATTERN, Tokenizer, bytes_to_unicode
 from whisper_model import ModelDimensions, Whisper
 
+pytestmark = pytest.mark.usefixtures("one_thread")  # see conftest.py
+
 ROOT = Path(__file__).resolve().parent.parent
 N_FRAMES, WIDTH = 20, 32  # tiny "encoder output": 20 frames of a 32-wide Whisper (2 heads of 16)
 
@@ -112,15 +114,6 @@ def write_split(root, split, tok, sentences, rng):
     for line in lines:
         line.update(chunk=0, chunk_lines=len(lines))
     P._commit_chunk(root / split, 0, np.stack(feats).astype(np.float16), lines)
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny tensors: one thread is fastest, and far faster when other processes share the cores."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 @pytest.fixture(scope="module")
