@@ -313,7 +313,8 @@ def run_audio(args) -> list:
         try:
             r = transcribe_and_correct(path, hyp_model, hyp_tok, feat_model, wl, tokenizer, args)
         except wm.AudioError as e:
-            raise GenerateError(f"{path}: {e}") from None
+            msg = str(e)
+            raise GenerateError(msg if str(path) in msg else f"{path}: {msg}") from None
         results.append(r)
         text = r["corrected"] if r["corrected"] is not None else r["one_best"]
         if args.json:
