@@ -45,10 +45,12 @@ heads). `paper` reproduces the reference numerics and is needed to run its relea
 Trainable: prefix, both gates, rmsnorm_k/v, down/up, Q_d, Q_h (every name that starts with `adapter_`).
 Frozen: the whole LLaMA and the Whisper key/value projections.
 """
+import json
 import math
+import os
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional
 
 import torch
 import torch.nn as nn
@@ -276,24 +278,13 @@ class WhisperingLLaMA(LLaMA):
     """LLaMA whose blocks from `adapter_start_layer` on carry AiL and AiW."""
 
     def __init__(self, config: WLConfig):
-        nn.Module.__init__(self)  # LLaMA.__init__ builds plain blocks; we choose per layer
-        self.config = config
-        self.transformer = nn.ModuleDict(dict(
-            wte=nn.Embedding(config.vocab_size, config.n_embd),
-            h=nn.ModuleList(
-                AdapterBlock(config) if i >= config.adapter_start_layer else Block(config)
-                for i in range(config.n_layer)
-            ),
-            ln_f=RMSNorm(config.n_embd, config.norm_eps),
-        ))
-        self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
-        if config.tie_embeddings:
-            self.lm_head.weight = self.transformer.wte.weight
-        for name, module in self.named_modules():
-            if isinstance(module, (nn.Linear, nn.Embedding)) and "adapter_" not in name:
-                LLaMA._init_weights(module)
-        self._rope = None
-        self._causal_mask = None
+        super().__init__(config)
+        # LLaMA's random init covered every Linear/Embedding; the adapters get their own (identity, zero gate).
+        for block in self.adapter_blocks():
+            block.attn.reset_adapter_parameters()
+
+    def build_block(self, config: WLConfig, i: int) -> nn.Module:
+        return AdapterBlock(config) if i >= config.adapter_start_layer else Block(config)
 
     def adapter_blocks(self):
         # By index, not isinstance: FSDP replaces each block by a wrapper around it.
@@ -362,8 +353,6 @@ def build_model(llm_dir, whisper=None, device="cpu", **overrides) -> WhisperingL
     """A WhisperingLLaMA from a converted LLM checkpoint folder and a Whisper model (whisper_model.Whisper)
     whose cross-attention projections are copied. The adapters get the paper's initialisation
     (or the ablation's)."""
-    import json
-
     from safetensors.torch import load_file
 
     llm_dir = Path(llm_dir)
@@ -469,10 +458,6 @@ ADAPTER_FIELDS = ("adapter_prompt_length", "adapter_start_layer", "variant", "kv
 def save_adapter(model: WhisperingLLaMA, path, llm=None, whisper=None, extra=None) -> Path:
     """Write the trained tensors to a .safetensors file, atomically, with what is needed to rebuild the
     model in its metadata: the adapter config and the LLM / Whisper checkpoints it was trained on."""
-    import json
-    import os
-    import tempfile
-
     from safetensors.torch import save_file
 
     path = Path(path)
@@ -497,8 +482,6 @@ def save_adapter(model: WhisperingLLaMA, path, llm=None, whisper=None, extra=Non
 def read_adapter_meta(path) -> dict:
     """{"config": adapter fields, "llm": ..., "whisper": ..., ...} from an adapter file saved by save_adapter
     (empty dict for a file without that metadata)."""
-    import json
-
     from safetensors import safe_open
 
     with safe_open(str(path), framework="pt") as f:

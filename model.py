@@ -266,14 +266,12 @@ class Block(nn.Module):
 
 
 class LLaMA(nn.Module):
-    block_class = Block  # adapter.py swaps in its own block
-
     def __init__(self, config: Config):
         super().__init__()
         self.config = config
         self.transformer = nn.ModuleDict(dict(
             wte=nn.Embedding(config.vocab_size, config.n_embd),
-            h=nn.ModuleList(self.block_class(config) for _ in range(config.n_layer)),
+            h=nn.ModuleList(self.build_block(config, i) for i in range(config.n_layer)),
             ln_f=RMSNorm(config.n_embd, config.norm_eps),
         ))
         self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
@@ -282,6 +280,10 @@ class LLaMA(nn.Module):
         self.apply(self._init_weights)
         self._rope = None  # (cos, sin), built lazily so meta-device construction costs nothing
         self._causal_mask = None
+
+    def build_block(self, config: Config, i: int) -> nn.Module:
+        """Block i of the stack; adapter.py overrides this to put adapters into the upper blocks."""
+        return Block(config)
 
     @staticmethod
     def _init_weights(module):
