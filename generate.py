@@ -267,8 +267,10 @@ def transcribe_and_correct(path, hyp_model, hyp_tok, feat_model, wl, tokenizer, 
         one_best = wm.decode_greedy(hyp_model, hyp_tok, feats)
         if feat_model is hyp_model:
             wl_feats = feats
-        else:
-            wl_mels = torch.stack([wm.log_mel_spectrogram(w, feat_model.dims.n_mels) for w in pieces])
+        else:  # another encoder; the same log-mel input unless it wants another number of mel bins
+            n_mels = feat_model.dims.n_mels
+            wl_mels = mels if n_mels == hyp_model.dims.n_mels else \
+                torch.stack([wm.log_mel_spectrogram(w, n_mels) for w in pieces])
             wl_feats = feat_model.embed_audio(wl_mels)
     result = dict(file=str(path), one_best=" ".join(t.strip() for t in one_best).strip(), nbest=[], corrected=None)
     if wl is None and not args.verbose:
