@@ -78,8 +78,10 @@ class WLConfig(Config):
     whisper_layers: int = 32  # decoder depth, for the LLaMA block → Whisper block mapping
     # Ablations (paper Table 2)
     use_whisper: bool = True  # False: text-only adapter (AiL only)
-    random_audio: bool = False  # replace the audio features with standard normal noise
-    identity_init: bool = True  # False: down/up/Q_d/Q_h drawn from a standard normal
+    random_audio: bool = False  # replace the audio features with standard normal noise, drawn at every forward
+    # False: "no special initialisation" as the reference ran it: down/up drawn from a standard normal and the
+    # padding template replaced by standard normal noise drawn at every forward; Q_d/Q_h stay identity.
+    identity_init: bool = True
     # Attend only to the encoder frames that carry audio (ceil(seconds · 50); a 3 s clip fills 150 of the 1500),
     # instead of the whole 30 s window the paper uses. Saves compute and memory; changes the function.
     trim_audio: bool = False
@@ -162,6 +164,16 @@ def identity_tail(x: torch.Tensor, D: int) -> torch.Tensor:
     return torch.cat((x, eye.expand(B, Hw, F_, D - Dw)), dim=-1)
 
 
+def random_template(x: torch.Tensor, H: int, D: int) -> torch.Tensor:
+    """(B, Hw, F, Dw) → (B, H, F, D) for the no-special-initialisation ablation, as the reference code ran it:
+    the padding template is standard normal noise (one F×D draw per example, repeated over the H heads, drawn
+    afresh at every call), with [:Hw, :, :Dw] = x. Nothing is in closed form here: it is an ablation."""
+    B, Hw, F_, Dw = x.shape
+    noise = torch.randn(B, 1, F_, D, device=x.device).to(x.dtype).expand(B, H, F_, D)
+    whisper_heads = torch.cat((x, noise[:, :Hw, :, Dw:]), dim=-1)
+    return torch.cat((whisper_heads, noise[:, Hw:]), dim=1)
+
+
 class AdapterAttention(CausalSelfAttention):
     """LLaMA's attention plus AiL (prefix) and AiW (Whisper) branches; see the module docstring."""
 
@@ -203,18 +215,22 @@ class AdapterAttention(CausalSelfAttention):
         nn.init.ones_(self.adapter_gate_whisper)
         nn.init.ones_(self.adapter_norm_k.weight)
         nn.init.ones_(self.adapter_norm_v.weight)
-        matrices = [self.adapter_down_k.weight, self.adapter_up_k.weight, self.adapter_q_dim, self.adapter_q_head]
+        eye_(self.adapter_q_dim)  # identity in the paper and in every ablation of the reference code
+        eye_(self.adapter_q_head)
+        down_up = [self.adapter_down_k.weight, self.adapter_up_k.weight]
         if not c.shared_down_up:
-            matrices += [self.adapter_down_v.weight, self.adapter_up_v.weight]
-        for m in matrices:
+            down_up += [self.adapter_down_v.weight, self.adapter_up_v.weight]
+        for m in down_up:
             # nn.Linear stores (out, in) and computes x Wᵀ; the diagonal is the same either way.
             eye_(m) if c.identity_init else nn.init.normal_(m)
 
     def prefix_kv(self):
         """Prefix keys/values from the block's frozen qkv applied to RMSNorm(P): (1, G, L, D) each.
-        The RMSNorm has no trained scale (the reference code never trains it: its scale stays 1)."""
+        The RMSNorm has no trained scale (the reference code never trains it: its scale stays 1), and belongs
+        to the WL variants only: the text-only adapter (LLaMA-Adapter v1) applies qkv to P directly."""
         p = self.adapter_prefix.weight[None]  # (1, L, C)
-        p = F.rms_norm(upcast(p), (p.shape[-1],), eps=self.config.adapter_norm_eps).to(p.dtype)
+        if self.config.use_whisper:
+            p = F.rms_norm(upcast(p), (p.shape[-1],), eps=self.config.adapter_norm_eps).to(p.dtype)
         _, k_p, v_p = self.split_heads(self.qkv(p))
         return k_p, v_p  # no RoPE: the prefix has no position
 
@@ -227,8 +243,10 @@ class AdapterAttention(CausalSelfAttention):
         up_v = self.adapter_up_k if c.shared_down_up else self.adapter_up_v
         k = self.adapter_up_k(F.silu(self.adapter_down_k(self.adapter_norm_k(self.whisper_key(audio)))))
         v = up_v(F.silu(down_v(self.adapter_norm_v(self.whisper_value(audio)))))
-        D = c.head_size
-        return identity_tail(self.split_whisper_heads(k), D), identity_tail(self.split_whisper_heads(v), D)
+        k, v, D = self.split_whisper_heads(k), self.split_whisper_heads(v), c.head_size
+        if not c.identity_init:  # the no-special-initialisation ablation: a random template, all H heads
+            return random_template(k, c.n_head, D), random_template(v, c.n_head, D)
+        return identity_tail(k, D), identity_tail(v, D)
 
     def split_whisper_heads(self, x: torch.Tensor) -> torch.Tensor:
         """(B, F, W) → (B, Hw, F, Dw)."""
@@ -492,17 +510,83 @@ def read_adapter_meta(path) -> dict:
     return meta
 
 
-def load_adapter_file(model: nn.Module, path) -> None:
-    """Load an adapter checkpoint: this project's .safetensors, or the reference code's .pth."""
+def is_reference_state(state: dict) -> bool:
+    """Tensors named as the reference research code saves them (`...attn.adapter_wte.weight`, `projection_*`)."""
+    return any(".attn.projection_" in k or k.endswith(".attn.adapter_wte.weight") or ".attn.gating_factor" in k
+               for k in state)
+
+
+def settings_from_state(state: dict) -> dict:
+    """The WLConfig fields that an adapter's tensors (in this project's names) determine by their names and
+    shapes: the start layer (first block present), the prompt length (rows of the prefix), text-only or WL
+    (Whisper tensors present or not) and the variant (separate value down/up → L; otherwise the bottleneck
+    width W/r gives r: 16 → M, 32 → S)."""
+    blocks = sorted({int(k.split(".")[2]) for k in state if k.startswith("transformer.h.")})
+    prefix = [v for k, v in state.items() if k.endswith("attn.adapter_prefix.weight")]
+    if not blocks or not prefix:
+        raise ValueError("no adapter tensors (transformer.h.<i>.attn.adapter_prefix.weight, ...) in the file")
+    settings = dict(adapter_start_layer=blocks[0], adapter_prompt_length=prefix[0].shape[0],
+                    use_whisper=any(k.endswith("attn.adapter_down_k.weight") for k in state))
+    if settings["use_whisper"]:
+        down = next(v for k, v in state.items() if k.endswith("attn.adapter_down_k.weight"))  # (W/r, W)
+        r = down.shape[1] // down.shape[0]
+        if any(k.endswith("attn.adapter_down_v.weight") for k in state):
+            settings["variant"] = "L"
+        else:
+            shared = [name for name, (rank, shared) in VARIANTS.items() if shared and rank == r]
+            if not shared:
+                raise ValueError(f"a shared down/up of width W/{r} is none of the variants {', '.join(VARIANTS)}")
+            settings["variant"] = shared[0]
+    return settings
+
+
+def read_adapter_file(path):
+    """(state in this project's names, settings) of an adapter file: this project's .safetensors (whose
+    metadata records every setting) or the reference research code's .pth.
+
+    settings: what the file determines about the model that must run it, as WLConfig fields plus "hypotheses"
+    (the n-best text form it was trained on, prepare_data.HYPOTHESIS_FORMS). A reference file determines
+    kv_layout="paper" and hypotheses="reference" (its code's head split and prompt form), and its tensors the
+    variant, prompt length, start layer and text-only vs WL; a .safetensors without metadata only the latter."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"adapter checkpoint {path} not found")
+    settings = {}
     if path.suffix == ".safetensors":
         from safetensors.torch import load_file
 
         state = load_file(str(path))
+        meta = read_adapter_meta(path)
+        if meta:
+            settings.update(meta["config"], hypotheses=meta.get("hypotheses") or "logprob")
     else:
         state = torch.load(path, map_location="cpu", weights_only=True)
-        if any(".attn.projection_" in k or ".attn.adapter_wte" in k for k in state):
+        if is_reference_state(state):
             state = from_reference_names(state)
+            settings.update(kv_layout="paper", hypotheses="reference")
+    for k, v in settings_from_state(state).items():
+        if settings.get(k, v) != v:
+            raise ValueError(f"{path}: its metadata says {k}={settings[k]!r} but its tensors say {v!r}")
+        settings[k] = v
+    return state, settings
+
+
+def merge_settings(path, settings: dict, requested: dict) -> dict:
+    """The file's settings with the caller's (command-line flags; None = not given) filling what the file
+    leaves open. A flag that contradicts the file is refused: the file's tensors only compute the function
+    they were trained for."""
+    merged = dict(settings)
+    for k, v in requested.items():
+        if v is None:
+            continue
+        if k in settings and settings[k] != v:
+            raise ValueError(f"{path} is an adapter with {k}={settings[k]!r}; it cannot run with {k}={v!r}")
+        merged[k] = v
+    return merged
+
+
+def load_adapter_file(model: nn.Module, path) -> None:
+    """Load an adapter checkpoint (this project's .safetensors, or the reference code's .pth) into a model
+    built with matching settings."""
+    state, _ = read_adapter_file(path)
     load_adapter_state(model, state)

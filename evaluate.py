@@ -32,6 +32,7 @@ from typing import Optional
 import torch
 from tqdm import tqdm
 
+from generate import add_adapter_flags, adapter_requests
 from prepare_data import PreparedDataset, normalize_text
 
 ROOT = Path(__file__).resolve().parent
@@ -258,10 +259,11 @@ def load_split(data, split, limit=None) -> PreparedDataset:
 
 @torch.inference_mode()
 def run_adapter(adapter, ds: PreparedDataset, llm=None, whisper=None, device="cpu", max_new_tokens=150,
-                progress=True) -> list:
+                progress=True, requested=None) -> list:
     """The corrected transcript of every utterance of `ds` by one adapter checkpoint: greedy decoding, the
     response up to its first newline (generate.correct, as the paper). llm / whisper override the LLM folder
-    and the Whisper (name, folder or model) that the adapter file names."""
+    and the Whisper (name, folder or model) that the adapter file names; requested: generate.ADAPTER_FLAGS
+    settings for what the file leaves open. The split must hold n-best lists in the adapter's form."""
     from convert_checkpoint import ConversionError
     from generate import GenerateError, correct, load_wl
 
@@ -269,9 +271,14 @@ def run_adapter(adapter, ds: PreparedDataset, llm=None, whisper=None, device="cp
     if not adapter.is_file():
         raise EvalError(f"adapter checkpoint {adapter} not found")
     try:
-        model, tokenizer = load_wl(adapter, llm=llm, whisper=whisper, device=device)
+        model, tokenizer = load_wl(adapter, llm=llm, whisper=whisper, device=device, **(requested or {}))
     except (GenerateError, ConversionError, OSError, ValueError) as e:
         raise EvalError(f"cannot load {adapter}: {str(e).splitlines()[0] if str(e) else type(e).__name__}") from None
+    data_form = ds.meta.get("hypotheses", "logprob")
+    if model.hypothesis_form != data_form:
+        raise EvalError(f"{adapter} was trained on '{model.hypothesis_form}' n-best lists but {ds.root} holds "
+                        f"'{data_form}' ones: re-derive them with python prepare_data.py --out {ds.root} "
+                        f"--hypotheses {model.hypothesis_form}")
     c = model.config
     torch.manual_seed(0)  # the random-audio ablation draws noise: the same numbers on every run
     outputs = []
@@ -283,7 +290,7 @@ def run_adapter(adapter, ds: PreparedDataset, llm=None, whisper=None, device="cp
                             f"width {features.shape[-1]}: prepare the data with the adapter's feature model")
         meta = item["meta"]
         try:
-            outputs.append(correct(model, tokenizer, meta["hypotheses"] or [meta["one_best"]], features.to(device),
+            outputs.append(correct(model, tokenizer, meta["hypotheses"], features.to(device),
                                    max_new_tokens=max_new_tokens, audio_frames=meta.get("n_frames")))
         except GenerateError as e:  # e.g. a prompt longer than the LLM's context
             raise EvalError(f"{meta['id']}: {e}") from None
@@ -305,7 +312,7 @@ def default_adapters(out_root=ROOT / "out") -> list:
 
 
 def evaluate(data, split="test", adapters=None, limit=None, out=None, llm=None, whisper=None, device="cpu",
-             max_new_tokens=150, select="raw", progress=True) -> dict:
+             max_new_tokens=150, select="raw", progress=True, requested=None) -> dict:
     """Run every adapter on the split and write the table and the per-utterance JSONL.
     adapters None: the best checkpoint of the latest training run in out/, if any (else baseline rows only).
     Returns {"table", "best", "markdown", "out", "jsonl"}."""
@@ -336,7 +343,7 @@ def evaluate(data, split="test", adapters=None, limit=None, out=None, llm=None, 
         return {"table": table, "best": best, "markdown": markdown, "out": out, "jsonl": jsonl}
 
     for i, a in enumerate(names):
-        outputs[a] = run_adapter(a, ds, llm, whisper, device, max_new_tokens, progress)
+        outputs[a] = run_adapter(a, ds, llm, whisper, device, max_new_tokens, progress, requested)
         if i < len(names) - 1:
             report()  # hours of decoding are kept on disk even if a later adapter fails
     return report()
@@ -358,6 +365,7 @@ def main(argv=None):
     parser.add_argument("--select", choices=NORMALISATIONS, default="raw",
                         help="which WER names the best adapter when several are given (default raw)")
     parser.add_argument("--device", default="cpu")
+    add_adapter_flags(parser)
     parser.add_argument("--threads", type=int, default=os.cpu_count(), help="torch threads (default: all cores)")
     args = parser.parse_args(argv)
     torch.set_num_threads(max(1, args.threads))
@@ -367,7 +375,7 @@ def main(argv=None):
         if args.max_new_tokens < 1:
             raise EvalError("--max-new-tokens must be at least 1")
         result = evaluate(args.data, args.split, args.adapter, args.limit, args.out, args.llm, args.whisper,
-                          args.device, args.max_new_tokens, args.select)
+                          args.device, args.max_new_tokens, args.select, requested=adapter_requests(args))
     except (EvalError, FileNotFoundError, ValueError) as e:
         message = str(e).splitlines()[0] if str(e) else type(e).__name__
         print(f"error: {message}", file=sys.stderr)

@@ -177,28 +177,43 @@ def find_latest_adapter(root=OUT) -> Optional[Path]:
     return files[-1] if files else None
 
 
-def load_wl(adapter=None, llm=None, whisper=None, device="cpu", dtype=None):
+# Adapter settings a user may give when the file leaves them open (a file that fixes them refuses others).
+ADAPTER_FLAGS = {"kv_layout": "--kv-layout", "variant": "--variant", "adapter_prompt_length": "--prompt-length",
+                 "adapter_start_layer": "--start-layer", "hypotheses": "--hypotheses"}
+
+
+def load_wl(adapter=None, llm=None, whisper=None, device="cpu", dtype=None, **requested):
     """(model, tokenizer) of a trained Whispering-LLaMA.
 
-    adapter: a file saved by adapter.save_adapter (train.py's checkpoints); its metadata names the adapter
-    config and the LLM / Whisper it was trained with, which `llm` / `whisper` override. `whisper` is a
-    whisper_model.Whisper or a name/folder: the model whose decoder cross-attention AiW copies (the feature
-    model)."""
-    from adapter import build_model, load_adapter_file, read_adapter_meta
+    adapter: a file saved by adapter.save_adapter (train.py's checkpoints), whose metadata names the adapter
+    config, the n-best form and the LLM / Whisper it was trained with (`llm` / `whisper` override the last two),
+    or a .pth of the reference research code, whose names and shapes determine its layout ("paper"), variant,
+    prompt length and start layer. requested: ADAPTER_FLAGS settings for what the file leaves open.
+    `whisper` is a whisper_model.Whisper or a name/folder: the model whose decoder cross-attention AiW copies
+    (the feature model). model.hypothesis_form is the n-best text form its prompts must use."""
+    from adapter import build_model, load_adapter_state, merge_settings, read_adapter_file, read_adapter_meta
     from whisper_model import load_whisper
 
     adapter = Path(adapter)
     if not adapter.is_file():
         raise GenerateError(f"adapter checkpoint {adapter} not found")
     meta = read_adapter_meta(adapter) if adapter.suffix == ".safetensors" else {}
+    state, settings = read_adapter_file(adapter)
+    try:
+        settings = merge_settings(adapter, settings, requested)
+    except ValueError as e:
+        flag = next((f for k, f in ADAPTER_FLAGS.items() if f"with {k}=" in str(e)), None)
+        raise GenerateError(f"{e} ({flag})" if flag else str(e)) from None
+    form = settings.pop("hypotheses", "logprob")
     llm_dir = convert_checkpoint.ensure_llm(llm or meta.get("llm") or None)
     if whisper is None or isinstance(whisper, (str, Path)):
         whisper, _ = load_whisper(whisper or meta.get("whisper") or "tiny.en", device=device)
-    model = build_model(llm_dir, whisper, device=device, **meta.get("config", {}))
-    load_adapter_file(model, adapter)
+    model = build_model(llm_dir, whisper if settings.get("use_whisper", True) else None, device=device, **settings)
+    load_adapter_state(model, state)
     model.eval()
     if dtype is not None:
         model = model.to(dtype)
+    model.hypothesis_form = form
     return model, Tokenizer.from_dir(llm_dir)
 
 
@@ -220,7 +235,7 @@ def correct(model, tokenizer, hypotheses, audio_features, max_new_tokens: int = 
     param = next(model.parameters())
     audio = audio.to(param.device)
     # Encoded exactly as in training (prepare_data.tokenize_example): BOS, the prompt, no EOS.
-    prompt_ids = tokenizer.encode(build_prompt(hypotheses), bos=True, eos=False).to(param.device)
+    prompt_ids = tokenizer.encode(build_prompt(hypotheses), bos=True, eos=False, special=False).to(param.device)
     kwargs = dict(audio_frames=audio_frames) if audio_frames is not None else {}
     ids = generate(model, prompt_ids, max_new_tokens, temperature=0.0, eos_id=tokenizer.eos_id, audio=audio, **kwargs)
     return response_text(tokenizer.decode(ids[len(prompt_ids):]))
@@ -256,8 +271,10 @@ def windows(audio, seconds: int = 30, sample_rate: int = 16000) -> list:
 
 
 def transcribe_and_correct(path, hyp_model, hyp_tok, feat_model, wl, tokenizer, args) -> dict:
-    """One audio file → dict(file, one_best, nbest, corrected) with 30 s windows joined by spaces."""
+    """One audio file → dict(file, one_best, nbest, corrected) with 30 s windows joined by spaces.
+    The n-best list of each window is in the adapter's hypothesis form (prepare_data.HYPOTHESIS_FORMS)."""
     import whisper_model as wm
+    from prepare_data import select_hypotheses
 
     audio = wm.load_audio(path)
     pieces = windows(audio)
@@ -276,17 +293,42 @@ def transcribe_and_correct(path, hyp_model, hyp_tok, feat_model, wl, tokenizer, 
     if wl is None and not args.verbose:
         return result
     corrected = []
+    form = getattr(wl, "hypothesis_form", "logprob")  # the n-best text form the adapter was trained on
     for i in range(len(pieces)):
-        nbest = wm.sample_nbest(hyp_model, hyp_tok, feats[i:i + 1], n_samples=args.samples, keep=args.nbest,
-                                seed=args.seed)
-        result["nbest"].append([dict(text=t, logprob=lp) for t, lp in nbest])
+        drawn = wm.sample_candidates(hyp_model, hyp_tok, feats[i:i + 1], n_samples=args.samples, seed=args.seed)
+        hyps, logprobs, _ = select_hypotheses(drawn["samples"], None, form, keep=args.nbest)
+        result["nbest"].append([dict(text=t, logprob=lp) for t, lp in zip(hyps, logprobs)])
         if wl is not None:
-            hyps = [t for t, _ in nbest] or [one_best[i]]
+            if not hyps:  # Whisper wrote nothing but empty samples (silence): nothing to correct
+                corrected.append(one_best[i])
+                continue
             frames = math.ceil(len(pieces[i]) / 320)  # 50 encoder frames per second of 16 kHz audio
             corrected.append(correct(wl, tokenizer, hyps, wl_feats[i], args.max_new_tokens, audio_frames=frames))
     if wl is not None:
         result["corrected"] = " ".join(c for c in corrected if c).strip()
     return result
+
+
+def adapter_requests(args) -> dict:
+    """The ADAPTER_FLAGS given on the command line (None: not given)."""
+    return {k: getattr(args, k) for k in ADAPTER_FLAGS}
+
+
+def add_adapter_flags(parser):
+    """Settings for adapter files that do not record them (this project's files record all; the reference
+    code's .pth files determine layout, variant, prompt length, start layer and form by themselves)."""
+    from prepare_data import HYPOTHESIS_FORMS
+
+    g = parser.add_argument_group("adapter settings (only where the adapter file leaves them open)")
+    g.add_argument("--kv-layout", choices=("heads", "paper"), default=None,
+                   help="how Whisper keys/values split into heads ('paper': the reference code's)")
+    g.add_argument("--variant", choices=("L", "M", "S"), default=None, help="WL-L, WL-M or WL-S")
+    g.add_argument("--prompt-length", dest="adapter_prompt_length", type=int, default=None, help="AiL prefix length")
+    g.add_argument("--start-layer", dest="adapter_start_layer", type=int, default=None,
+                   help="first block with adapters")
+    g.add_argument("--hypotheses", choices=list(HYPOTHESIS_FORMS), default=None,
+                   help="the n-best text form the adapter was trained on: " + "; ".join(
+                       f"{k}: {v}" for k, v in HYPOTHESIS_FORMS.items()))
 
 
 def run_audio(args) -> list:
@@ -307,7 +349,8 @@ def run_audio(args) -> list:
         print("notice: no trained adapter found (train one with train.py, or pass --adapter); "
               "printing the Whisper 1-best, not a correction", file=sys.stderr)
     else:
-        wl, tokenizer = load_wl(adapter, llm=args.llm, whisper=feat_model, device=args.device)
+        wl, tokenizer = load_wl(adapter, llm=args.llm, whisper=feat_model, device=args.device,
+                                **adapter_requests(args))
     results = []
     from tqdm import tqdm
 
@@ -373,6 +416,7 @@ def main(argv=None):
     parser.add_argument("--samples", type=int, default=200, help="Whisper samples drawn for the n-best (paper: 200)")
     parser.add_argument("--verbose", action="store_true", help="also print the n-best and the 1-best")
     parser.add_argument("--json", action="store_true", help="one JSON object per file")
+    add_adapter_flags(parser)
     parser.add_argument("--checkpoint-dir", type=Path, default=None,
                         help="converted LLM checkpoint folder (default: the embedded SmolLM2-135M-Instruct)")
     parser.add_argument("--chat", action="store_true", help="wrap the prompt in the model's chat template")

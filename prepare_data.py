@@ -188,15 +188,72 @@ def build_prompt(hypotheses) -> str:
 def tokenize_example(tokenizer, hypotheses, response):
     """Token ids and labels for one training example. Returns (ids (T,), labels (T,)) LongTensors.
 
-    The prompt is encoded with BOS and no EOS, prompt + response with BOS and EOS; the labels are the ids
-    with every prompt position set to IGNORE_INDEX, so the loss covers the response and its EOS only
-    (without this masking WER gets much worse: the paper's Table 2)."""
-    prompt = build_prompt(hypotheses)
-    prompt_ids = tokenizer.encode(prompt, bos=True, eos=False)
-    ids = tokenizer.encode(prompt + response.strip(), bos=True, eos=True)
+    The prompt is encoded with BOS and no EOS, the response on its own with EOS and no BOS, and the two id
+    lists are concatenated: never prompt + response as one string, because a byte-level BPE merges the
+    prompt's final ":" with a response that starts with a quote or a dash (or, with LLaMA-3's pre-tokeniser, a
+    letter), and the prompt would no longer be a prefix of what the model trains on; at inference the model
+    reads exactly these prompt ids. Data text is ordinary text (special=False): a literal "<|im_end|>" in a
+    transcript stays characters. The labels are the ids with every prompt position set to IGNORE_INDEX, so the
+    loss covers the response and its EOS only (without this masking WER gets much worse: the paper's Table 2)."""
+    prompt_ids = tokenizer.encode(build_prompt(hypotheses), bos=True, eos=False, special=False)
+    response_ids = tokenizer.encode(response.strip(), bos=False, eos=True, special=False)
+    ids = torch.cat([prompt_ids, response_ids])
     labels = ids.clone()
     labels[: len(prompt_ids)] = IGNORE_INDEX
     return ids, labels
+
+
+# The n-best list's text form. Both are legitimate readings of the paper; an adapter must be used with the
+# form it was trained on, so the form is recorded in the prepared data's meta.json and in every adapter file.
+HYPOTHESIS_FORMS = {
+    "logprob": "the paper's text (§4.2): the distinct samples as Whisper wrote them (case, punctuation), "
+               "highest total log-probability first",
+    "reference": "the reference code (and the paper's Fig. 5): every sample lowercased with . , ? - : \" ' "
+                 "removed, the distinct results in alphabetical order",
+}
+_REFERENCE_STRIP = str.maketrans("", "", ".,?-:\"'")
+
+
+def reference_form(text: str) -> str:
+    """One sample as the reference code wrote it into the prompt: lowercased, stripped, . , ? - : " ' removed."""
+    return text.lower().strip().translate(_REFERENCE_STRIP)
+
+
+def select_hypotheses(samples, ground_truth=None, form="logprob", keep=15, keep_ground_truth=False):
+    """The n-best list of one utterance from its distinct samples [(text, total_logprob or None, count)],
+    best log-prob first (as whisper_model.sample_candidates returns them, or a given list in its order).
+
+    form: a key of HYPOTHESIS_FORMS. The ground truth (in the same form) is removed *before* the cut to `keep`,
+    as the reference code does (the paper: the model must correct, not copy), unless keep_ground_truth.
+    Policy for a list that removal would leave empty (the only distinct sample is the ground truth): the ground
+    truth stays, so prepare, train, evaluate and generate all see the same non-empty prompt; the utterance is
+    flagged (ground_truth_kept) and counted in the summary.
+    Returns (hypotheses, logprobs, {"ground_truth_in_nbest": bool, "ground_truth_kept": bool})."""
+    if form not in HYPOTHESIS_FORMS:
+        raise ValueError(f"unknown hypothesis form {form!r}; choose from {', '.join(HYPOTHESIS_FORMS)}")
+    if form == "logprob":
+        candidates, seen = [], set()
+        for t, lp, _ in samples:
+            if t.strip() and t.strip() not in seen:
+                seen.add(t.strip())
+                candidates.append((t.strip(), lp))
+    else:
+        best = {}
+        for t, lp, _ in samples:
+            t = reference_form(t)
+            if t and (t not in best or (lp is not None and (best[t] is None or lp > best[t]))):
+                best[t] = lp
+        candidates = sorted(best.items())
+    flags = {"ground_truth_in_nbest": False, "ground_truth_kept": False}
+    if ground_truth is not None:
+        gt = ground_truth.strip() if form == "logprob" else reference_form(ground_truth)
+        flags["ground_truth_in_nbest"] = any(t == gt for t, _ in candidates)
+        if flags["ground_truth_in_nbest"] and not keep_ground_truth:
+            rest = [(t, lp) for t, lp in candidates if t != gt]
+            flags["ground_truth_kept"] = not rest
+            candidates = rest or candidates
+    candidates = candidates[:keep]
+    return [t for t, _ in candidates], [lp for _, lp in candidates], flags
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -827,9 +884,10 @@ class PrepareConfig:
     llm: Optional[str] = None  # LLM checkpoint folder for the tokenizer; None: the embedded SmolLM2
     seed: int = 0
     samples: int = 200  # sampled transcripts per utterance (the paper's 200)
-    keep: int = 15  # hypotheses kept, by log-probability
+    keep: int = 15  # hypotheses kept per utterance (given n-best lists are capped too)
     temperature: tuple = (0.7, 0.8)
     keep_ground_truth: bool = False  # the paper removes the ground truth from the n-best list
+    hypotheses: str = "logprob"  # the n-best list's text form: a key of HYPOTHESIS_FORMS
     batch_size: int = 8  # clips per encoder / greedy-decoder batch
     chunk_size: int = 32  # utterances per commit (and per feature shard)
 
@@ -841,6 +899,11 @@ class PrepareConfig:
         for k in ("batch_size", "chunk_size"):
             d.pop(k)
         return d
+
+
+# Settings that only decide what is derived from the stored samples (the n-best list's form and length,
+# ground-truth removal, the LLM's tokens): a change re-derives the index in place, without sampling again.
+DERIVED_SETTINGS = ("llm", "keep", "keep_ground_truth", "hypotheses")
 
 
 class _Models:
@@ -904,33 +967,38 @@ def _encode(model, audios):
 
 def _process_chunk(utts, models: _Models, cfg: PrepareConfig, chunk: int, progress):
     """Everything for one chunk of utterances. Returns (features (rows, F, W) float16 or None, index lines)."""
-    from whisper_model import SAMPLE_RATE, decode_greedy, sample_nbest
+    from whisper_model import SAMPLE_RATE, decode_greedy, sample_candidates
 
     checked = [(u, *_check_utterance(u)) for u in utts]
     good = [(u, a) for u, a, reason in checked if reason is None]
-    records, feature_rows = {}, []
+    records, feature_rows, reasons = {}, [], {u.id: reason for u, _, reason in checked}
     for b in range(0, len(good), cfg.batch_size):
         batch = good[b: b + cfg.batch_size]
         audios = [a for _, a in batch]
         with torch.inference_mode():
             feats = _encode(models.nbest, audios)  # (B, 1500, W)
             stored = feats if models.features is models.nbest else _encode(models.features, audios)
-            feature_rows.append(stored.to(torch.float16).numpy())
             one_best = decode_greedy(models.nbest, models.whisper_tokenizer, feats)
             for j, (u, audio) in enumerate(batch):
                 if u.nbest is not None:  # given with the input (HyPoradise): no log-probabilities
-                    nbest = [(h.strip(), None) for h in u.nbest if h.strip()]
+                    drawn = {"temperatures": [], "samples": [(h, None, 1) for h in u.nbest]}
                 else:
-                    nbest = sample_nbest(models.nbest, models.whisper_tokenizer, feats[j: j + 1],
-                                         n_samples=cfg.samples, keep=cfg.keep, temperature=cfg.temperature,
-                                         seed=utterance_seed(cfg.seed, u.id))
-                records[u.id] = _record(u, audio, nbest, one_best[j], cfg, models.tokenizer, SAMPLE_RATE)
+                    drawn = sample_candidates(models.nbest, models.whisper_tokenizer, feats[j: j + 1],
+                                              n_samples=cfg.samples, temperature=cfg.temperature,
+                                              seed=utterance_seed(cfg.seed, u.id))
+                record = _record(u, audio, drawn, one_best[j], SAMPLE_RATE)
+                if _derive(record, cfg, models.tokenizer) is None:
+                    reasons[u.id] = "no hypotheses"  # nothing but empty samples (e.g. silence)
+                else:
+                    records[u.id] = record
+                    feature_rows.append(stored[j: j + 1].to(torch.float16).numpy())
                 progress.update(1)
     lines, row = [], 0
-    for u, _, reason in checked:
-        if reason is not None:
-            lines.append({"id": u.id, "split": u.split, "audio": u.audio, "skipped": reason})
-            progress.update(1)
+    for u, _, _ in checked:
+        if u.id not in records:
+            lines.append({"id": u.id, "split": u.split, "audio": u.audio, "skipped": reasons[u.id]})
+            if reasons[u.id] != "no hypotheses":
+                progress.update(1)
         else:
             lines.append({**records[u.id], "shard": chunk, "row": row})
             row += 1
@@ -939,40 +1007,70 @@ def _process_chunk(utts, models: _Models, cfg: PrepareConfig, chunk: int, progre
     return (np.concatenate(feature_rows) if feature_rows else None), lines
 
 
-def _record(u: Utterance, audio, nbest, one_best, cfg: PrepareConfig, tokenizer, sample_rate) -> dict:
-    text = u.text.strip()
-    hypotheses = [h for h, _ in nbest]
-    logprobs = [None if lp is None else round(lp, 4) for _, lp in nbest]
-    in_nbest = text in hypotheses
-    if in_nbest and not cfg.keep_ground_truth:  # the paper removes it: the model must correct, not copy
-        logprobs = [lp for h, lp in zip(hypotheses, logprobs) if h != text]
-        hypotheses = [h for h in hypotheses if h != text]
-    wers = [wer(text, h) for h in hypotheses]
-    best = int(np.argmin(wers)) if wers else None
-    ids, labels = tokenize_example(tokenizer, hypotheses, text)
+def _record(u: Utterance, audio, drawn, one_best, sample_rate) -> dict:
+    """What sampling produced for one utterance, kept whole: the distinct samples with their log-probs and
+    counts (so the n-best list can be re-derived in another form without sampling again), the greedy 1-best."""
     duration = len(audio) / sample_rate
     return {
-        "id": u.id, "split": u.split, "audio": u.audio, "text": text,
+        "id": u.id, "split": u.split, "audio": u.audio, "text": u.text.strip(),
         "duration": round(duration, 3), "n_frames": min(math.ceil(duration * FRAMES_PER_SECOND), 1500),
-        "hypotheses": hypotheses, "logprobs": logprobs, "ground_truth_in_nbest": in_nbest,
-        "one_best": one_best, "one_best_wer": wer(text, one_best),
-        "oracle": hypotheses[best] if wers else one_best, "oracle_wer": wers[best] if wers else wer(text, one_best),
-        "ids": ids.tolist(), "prompt_len": int((labels == IGNORE_INDEX).sum()),
+        "temperatures": [round(t, 4) for t in drawn["temperatures"]],
+        "samples": [[t, None if lp is None else round(lp, 4), n] for t, lp, n in drawn["samples"]],
+        "one_best": one_best, "one_best_wer": wer(u.text.strip(), one_best),
     }
 
 
-def _check_meta(out_dir: Path, cfg: PrepareConfig):
-    """meta.json records the settings; a folder prepared with other settings is never mixed into."""
+def _derive(entry: dict, cfg: PrepareConfig, tokenizer) -> Optional[dict]:
+    """Fill (in place) what an index entry derives from its stored samples: the n-best list in cfg's form, the
+    ground-truth flags, the oracle and the prompt's token ids. None when no hypothesis is left."""
+    text = entry["text"]
+    hypotheses, logprobs, flags = select_hypotheses(entry["samples"], text, cfg.hypotheses, cfg.keep,
+                                                    cfg.keep_ground_truth)
+    if not hypotheses:
+        return None
+    wers = [wer(text, h) for h in hypotheses]
+    best = int(np.argmin(wers))
+    ids, labels = tokenize_example(tokenizer, hypotheses, text)
+    entry.update(hypotheses=hypotheses, logprobs=logprobs, **flags, oracle=hypotheses[best], oracle_wer=wers[best],
+                 ids=ids.tolist(), prompt_len=int((labels == IGNORE_INDEX).sum()))
+    return entry
+
+
+def _check_meta(out_dir: Path, cfg: PrepareConfig) -> bool:
+    """meta.json records the settings; a folder prepared with other sampling settings is never mixed into.
+    Returns True when only derived settings changed, so the committed entries must be re-derived."""
     path = out_dir / "meta.json"
     settings = cfg.settings()
-    if path.exists():
-        old = json.loads(path.read_text())
-        changed = [k for k in settings if old.get(k) != settings[k]]
-        if changed:
-            raise PrepareError(f"{out_dir} was prepared with other settings ({', '.join(changed)}); "
-                               "use another --out or the same settings")
-    else:
+    if not path.exists():
         _write_text_atomic(path, json.dumps(settings, indent=2) + "\n")
+        return False
+    old = json.loads(path.read_text())
+    old.setdefault("hypotheses", "logprob")  # folders from before the form was recorded
+    changed = [k for k in settings if old.get(k) != settings[k]]
+    fixed = [k for k in changed if k not in DERIVED_SETTINGS]
+    if fixed:
+        raise PrepareError(f"{out_dir} was prepared with other settings ({', '.join(fixed)}); "
+                           "use another --out or the same settings")
+    return bool(changed)
+
+
+def rederive(out_dir, cfg: PrepareConfig, tokenizer=None):
+    """Re-derive every committed entry of out_dir from its stored samples with cfg's derived settings (form,
+    keep, ground-truth removal, LLM tokens), without sampling again; each index is rewritten atomically and
+    meta.json last, so an interruption leaves a folder that a rerun re-derives again."""
+    out_dir = Path(out_dir)
+    tokenizer = tokenizer or load_llm_tokenizer(cfg.llm)
+    for index in sorted(out_dir.glob("*/index.jsonl")):
+        entries = _read_index(index, repair=True)
+        for e in entries:
+            if "skipped" in e:
+                continue
+            if "samples" not in e:
+                raise PrepareError(f"{index} predates stored samples: prepare it again into a new --out")
+            if _derive(e, cfg, tokenizer) is None:
+                e["skipped"] = "no hypotheses"
+        _write_text_atomic(index, "".join(json.dumps(e) + "\n" for e in entries))
+    _write_text_atomic(out_dir / "meta.json", json.dumps(cfg.settings(), indent=2) + "\n")
 
 
 def prepare(utterances, out_dir, cfg: PrepareConfig = PrepareConfig(), limit=None, progress=True) -> dict:
@@ -980,7 +1078,8 @@ def prepare(utterances, out_dir, cfg: PrepareConfig = PrepareConfig(), limit=Non
     limit: at most this many utterances of each split."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    _check_meta(out_dir, cfg)
+    if _check_meta(out_dir, cfg):
+        rederive(out_dir, cfg)
     by_split, seen, duplicates = {}, set(), {}
     for u in utterances:
         if u.id in seen:  # an id names one utterance: a second one would break resuming
@@ -1020,7 +1119,8 @@ def summary(out_dir) -> dict:
         for e in entries:
             if "skipped" in e:
                 skipped[e["skipped"]] = skipped.get(e["skipped"], 0) + 1
-        s = {"utterances": len(kept), "skipped": skipped}
+        s = {"utterances": len(kept), "skipped": skipped,
+             "ground_truth_kept": sum(bool(e.get("ground_truth_kept")) for e in kept)}
         if kept:
             refs = [e["text"] for e in kept]
             for name, hyps in (("one_best", [e["one_best"] for e in kept]), ("oracle", [e["oracle"] for e in kept])):
@@ -1043,6 +1143,9 @@ def format_summary(result) -> str:
                     f"{pct('oracle_wer'):>12}{pct('one_best_wer_normalized'):>14}{pct('oracle_wer_normalized'):>14}")
         for r, n in s["skipped"].items():
             reasons[r] = reasons.get(r, 0) + n
+    kept_gt = sum(s.get("ground_truth_kept", 0) for s in result.values())
+    if kept_gt:
+        rows.append(f"ground truth kept (the only distinct hypothesis): {kept_gt} utterances")
     if reasons:
         rows.append("skipped: " + ", ".join(f"{n} {r}" for r, n in sorted(reasons.items())))
     return "\n".join(rows)
@@ -1079,6 +1182,11 @@ def main(argv=None):
     parser.add_argument("--keep", type=int, default=15, help="hypotheses kept per utterance")
     parser.add_argument("--keep-ground-truth", action="store_true",
                         help="keep the ground truth in the n-best list when it was sampled (the paper removes it)")
+    parser.add_argument("--hypotheses", choices=list(HYPOTHESIS_FORMS), default="logprob",
+                        help="the n-best list's text form: " + "; ".join(f"{k}: {v}" for k, v in
+                                                                        HYPOTHESIS_FORMS.items())
+                             + ". Changing it (or --keep, --keep-ground-truth, --llm) on a prepared folder "
+                               "re-derives the lists from the stored samples without sampling again")
     parser.add_argument("--limit", type=int, help="at most this many utterances of each split")
     parser.add_argument("--demo-size", type=int, default=3000, help="sentences in the demo corpus (80/10/10 split)")
     parser.add_argument("--batch-size", type=int, default=8, help="clips per encoder batch")
@@ -1088,7 +1196,8 @@ def main(argv=None):
     torch.set_num_threads(max(1, args.threads))
     cfg = PrepareConfig(nbest_model=args.nbest_model, feature_model=args.feature_model, llm=args.llm,
                         seed=args.seed, samples=args.samples, keep=args.keep,
-                        keep_ground_truth=args.keep_ground_truth, batch_size=args.batch_size,
+                        keep_ground_truth=args.keep_ground_truth, hypotheses=args.hypotheses,
+                        batch_size=args.batch_size,
                         chunk_size=args.chunk_size)
     try:
         if args.limit is not None and args.limit < 1:

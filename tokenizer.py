@@ -522,13 +522,16 @@ class Tokenizer:
 
     # -- use -----------------------------------------------------------------------------------------
 
-    def encode(self, text: str, bos: bool = True, eos: bool = False, max_length: int = -1) -> torch.Tensor:
-        """text -> 1-D LongTensor of ids; special-token strings in the text become their single ids.
-        max_length > 0 truncates the result (after bos/eos are added)."""
+    def encode(self, text: str, bos: bool = True, eos: bool = False, max_length: int = -1,
+               special: bool = True) -> torch.Tensor:
+        """text -> 1-D LongTensor of ids. special=True: special-token strings in the text (e.g. "<|im_end|>")
+        become their single ids, as a chat template needs; special=False: the text is ordinary characters,
+        as data text (transcripts, hypotheses) must be. max_length > 0 truncates the result (after bos/eos are
+        added)."""
         if self.sp is not None:
-            ids = self.sp.encode(text)
+            ids = self.sp.encode(text)  # SentencePiece never reads control tokens out of text
         else:
-            ids = self.bpe.encode(text, allow_special=True)
+            ids = self.bpe.encode(text, allow_special=special)
         if bos:
             if self.bos_id is None:
                 raise TokenizerError(f"{self.name}: this tokenizer has no BOS token")

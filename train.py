@@ -306,6 +306,8 @@ def save_adapter(fabric, model, path: Path, run, **extra):
 
     with full_model(fabric, model) as net:
         if fabric.is_global_zero:
+            # the n-best form of the training data: generate.py and evaluate.py must build prompts the same way
+            extra = {"hypotheses": getattr(run, "hypotheses", None) or "logprob", **extra}
             adapter.save_adapter(net, path, llm=portable(run.llm), whisper=portable(run.whisper), extra=extra)
     fabric.barrier()
 
@@ -813,6 +815,7 @@ def train(run):
                          f"{fabric.world_size} processes")
 
     meta = json.loads((Path(run.data) / "meta.json").read_text()) if (Path(run.data) / "meta.json").is_file() else {}
+    run.hypotheses = meta.get("hypotheses") or "logprob"  # recorded in every adapter file of this run
     if run.whisper is None:
         run.whisper = meta.get("feature_model") or "tiny.en"
     elif meta.get("feature_model") and not same_path(meta["feature_model"], run.whisper):

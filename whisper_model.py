@@ -733,30 +733,48 @@ def decode_beam(model: Whisper, tokenizer, audio_features, beam_size: int = 5,
     return [text_of(tokenizer, max(f.items(), key=lambda kv: score(*kv))[0]) for f in finished]
 
 
+def sample_candidates(model: Whisper, tokenizer, audio_features, n_samples: int = 200, temperature=(0.7, 0.8),
+                      min_unique: int = 10, seed: int = 0, top_k: Optional[int] = None,
+                      retry_increments=(0.1, 0.2)) -> dict:
+    """Every distinct transcript that Whispering-LLaMA's sampling recipe draws for one clip (audio_features
+    (1, F, W)): the raw material of the n-best list, kept whole so that the list's form (ranking, text
+    normalisation, ground-truth removal) can change without sampling again.
+
+    Draw `n_samples` transcripts as one batch at a temperature drawn uniformly from `temperature`. When fewer
+    than `min_unique` distinct texts come out, sample again hotter (range + 0.1, then + 0.2) and pool the
+    results. Seeded: the same inputs and seed give the same result.
+    Returns {"temperatures": [T of each round], "samples": [(text, total_logprob, count)]}, best log-prob
+    first: total_logprob is the highest among the samples that spell the text (under the untempered model),
+    count how many of all samples did."""
+    if audio_features.dim() != 3 or audio_features.shape[0] != 1:
+        raise ValueError(f"sampling takes the features of one clip (1, F, W), got {tuple(audio_features.shape)}")
+    lo, hi = temperature if isinstance(temperature, (tuple, list)) else (temperature, temperature)
+    generator = torch.Generator().manual_seed(seed)
+    best, counts, temperatures = {}, {}, []  # text -> highest total log-prob; text -> samples
+    for extra in (0.0,) + tuple(retry_increments):
+        t = lo + extra + (hi - lo) * torch.rand((), generator=generator).item()
+        temperatures.append(t)
+        for seq, lp in sample_tokens(model, tokenizer, audio_features, n_samples, t, top_k, generator):
+            text = text_of(tokenizer, seq)
+            if not text:
+                continue
+            counts[text] = counts.get(text, 0) + 1
+            best[text] = max(lp, best.get(text, -math.inf))
+        if len(best) >= min_unique:
+            break
+    ranked = sorted(best, key=best.get, reverse=True)
+    return {"temperatures": temperatures, "samples": [(text, best[text], counts[text]) for text in ranked]}
+
+
 def sample_nbest(model: Whisper, tokenizer, audio_features, n_samples: int = 200, keep: int = 15,
                  temperature=(0.7, 0.8), min_unique: int = 10, seed: int = 0, top_k: Optional[int] = None,
                  retry_increments=(0.1, 0.2)) -> list:
-    """Whispering-LLaMA's n-best list for one clip (audio_features (1, F, W)).
-
-    Draw `n_samples` transcripts as one batch at a temperature drawn uniformly from `temperature`, deduplicate
-    them by text, rank by total log-probability (under the untempered model) and keep the best `keep`. When
-    fewer than `min_unique` distinct transcripts come out, sample again hotter (range + 0.1, then + 0.2) and
-    pool the results. Seeded: the same inputs and seed give the same list.
+    """The paper's n-best list for one clip (audio_features (1, F, W)): the distinct sampled transcripts of
+    `sample_candidates`, ranked by total log-probability (under the untempered model), the best `keep`.
     Returns [(text, total_logprob)], best first."""
-    if audio_features.dim() != 3 or audio_features.shape[0] != 1:
-        raise ValueError(f"sample_nbest takes the features of one clip (1, F, W), got {tuple(audio_features.shape)}")
-    lo, hi = temperature if isinstance(temperature, (tuple, list)) else (temperature, temperature)
-    generator = torch.Generator().manual_seed(seed)
-    best = {}  # text -> highest total log-prob among the samples that spell it
-    for extra in (0.0,) + tuple(retry_increments):
-        t = lo + extra + (hi - lo) * torch.rand((), generator=generator).item()
-        for seq, lp in sample_tokens(model, tokenizer, audio_features, n_samples, t, top_k, generator):
-            text = text_of(tokenizer, seq)
-            if text and lp > best.get(text, -math.inf):
-                best[text] = lp
-        if len(best) >= min_unique:
-            break
-    return sorted(best.items(), key=lambda kv: kv[1], reverse=True)[:keep]
+    drawn = sample_candidates(model, tokenizer, audio_features, n_samples, temperature, min_unique, seed, top_k,
+                              retry_increments)
+    return [(text, lp) for text, lp, _ in drawn["samples"][:keep]]
 
 
 # ----------------------------------------------------------------------------------------------------

@@ -153,7 +153,51 @@ def test_identity_initialisation():
     rnd = A.WhisperingLLaMA(A.wl_config(M.Config.from_name("tiny"), whisper_width=48, whisper_heads=3,
                                         whisper_layers=2, adapter_start_layer=1,
                                         identity_init=False)).transformer.h[1].attn
-    assert not torch.equal(rnd.adapter_q_dim, torch.eye(16))
+    # the reference's "no special initialisation": down/up standard normal, Q_d/Q_h still identity
+    assert not torch.equal(rnd.adapter_down_k.weight, torch.eye(3, 48))
+    assert abs(rnd.adapter_up_k.weight.std().item() - 1) < 0.2
+    assert torch.equal(rnd.adapter_q_dim, torch.eye(16)) and torch.equal(rnd.adapter_q_head, torch.eye(4))
+
+
+@pytest.mark.parametrize("shape", ["H>Hw,D>Dw,gqa", "H=Hw,D>Dw,mha"])
+def test_text_only_adapter_matches_literal_without_prefix_norm(shape):
+    """LLaMA-Adapter v1 (the text-only and big-adapter rows) applies the frozen qkv to the prefix directly,
+    as the reference's lit_llama/adapter.py does: no RMSNorm, unlike the WL variants."""
+    model = make_model(shape, use_whisper=False)
+    idx = torch.randint(0, 97, (2, 7))
+    fast = model(idx)
+    torch.testing.assert_close(fast, literal_forward(model, idx, None), atol=1e-9, rtol=1e-7)
+    attn = model.transformer.h[1].attn
+    p = attn.adapter_prefix.weight
+    _, k_p, _ = attn.split_heads(attn.qkv(p[None]))
+    torch.testing.assert_close(attn.prefix_kv()[0], k_p)  # literally qkv(P)
+    with torch.no_grad():  # a prefix far from unit RMS: a norm would change the output
+        attn.adapter_prefix.weight.mul_(5)
+    torch.testing.assert_close(model(idx), literal_forward(model, idx, None), atol=1e-9, rtol=1e-7)
+
+
+@pytest.mark.parametrize("layout", ["heads", "paper"])
+def test_random_init_ablation_matches_the_reference_literal(layout):
+    """No special initialisation, as ablation_mini_bad_init.py ran it: the padding template is standard normal
+    noise drawn afresh at every forward (one F×D draw per example repeated over the heads, keys and values
+    drawn separately), so two forwards differ; the literal oracle draws the same numbers in the same order."""
+    model = make_model("H>Hw,D>Dw,gqa", layout, identity_init=False)
+    idx = torch.randint(0, 97, (2, 6))
+    audio = torch.randn(2, 20, model.config.whisper_width, dtype=torch.float64)
+    torch.manual_seed(5)
+    fast = model(idx, audio)
+    torch.manual_seed(5)
+    slow = literal_forward(model, idx, audio)
+    torch.testing.assert_close(fast, slow, atol=1e-9, rtol=1e-7)
+    assert not torch.allclose(model(idx, audio), fast)  # a fresh template at every forward
+    g = torch.randn_like(fast)
+    torch.manual_seed(6)
+    grads_fast = torch.autograd.grad(model(idx, audio), [p for p in model.parameters() if p.requires_grad], g)
+    torch.manual_seed(6)
+    grads_slow = torch.autograd.grad(literal_forward(model, idx, audio),
+                                     [p for p in model.parameters() if p.requires_grad], g)
+    for a, b in zip(grads_fast, grads_slow):
+        torch.testing.assert_close(a, b, atol=1e-9, rtol=1e-7)
 
 
 @pytest.mark.parametrize("variant, use_whisper, prompt_length, expected", [

@@ -466,18 +466,26 @@ def test_resume_after_a_crash_gives_identical_output(e2e_manifest, e2e_prepared,
 
 
 @pytest.mark.slow
-def test_given_nbest_lists_are_used_as_they_are(e2e_manifest, tmp_path):
+def test_given_nbest_lists_are_deduplicated_and_capped(e2e_manifest, tmp_path):
     text = E2E_TEXTS[0][0]
-    given = ["show me the flights from boston to denver", text, "Show me the fights from Boston to Denver."]
+    given = ["show me the flights from boston to denver", text, "Show me the fights from Boston to Denver.",
+             "show me the flights from boston to denver", "a", "b", "c"]
     hp = tmp_path / "hp.json"
-    hp.write_text(json.dumps([{"id": "u0", "audio": str(e2e_manifest.parent / "u0.wav"), "input": given,
-                               "output": text}]))
+    wav = str(e2e_manifest.parent / "u0.wav")
+    hp.write_text(json.dumps([{"id": "u0", "audio": wav, "input": given, "output": text},
+                              {"id": "only-gt", "audio": wav, "input": [text], "output": text}]))
     result = prepare_data.prepare(prepare_data.read_inputs(hp), tmp_path / "out", _e2e_config(), progress=False)
-    assert result["train"]["utterances"] == 1
-    item = prepare_data.PreparedDataset(tmp_path / "out", "train")[0]
-    meta = item["meta"]
-    assert meta["hypotheses"] == [given[0], given[2]] and meta["logprobs"] == [None, None]
+    assert result["train"]["utterances"] == 2
+    ds = prepare_data.PreparedDataset(tmp_path / "out", "train")
+    meta = ds[0]["meta"]
+    # the ground truth removed before the cut to --keep (4), duplicates dropped, the given order kept
+    assert meta["hypotheses"] == [given[0], given[2], "a", "b"] and meta["logprobs"] == [None] * 4
     assert meta["ground_truth_in_nbest"] and meta["oracle"] == given[2]
+    # the empty-list policy: a list that is only the ground truth keeps it, and the summary counts it
+    only = ds[1]["meta"]
+    assert only["hypotheses"] == [text] and only["ground_truth_kept"]
+    assert result["train"]["ground_truth_kept"] == 1
+    assert "ground truth kept" in prepare_data.format_summary(result)
 
 
 @pytest.mark.slow
@@ -490,3 +498,152 @@ def test_cli_builds_the_demo_corpus_and_prints_the_summary(tmp_path, capsys):
     assert json.loads((tmp_path / "meta.json").read_text())["samples"] == 4
     for split in ("train", "dev", "test"):
         assert len(prepare_data.PreparedDataset(tmp_path, split)) == 1
+
+
+# ----------------------------------------------------------------------------------------------------
+# The prompt/response token boundary, on every tokenizer family the repository supports
+# ----------------------------------------------------------------------------------------------------
+
+BOUNDARY_RESPONSES = ["Show me flights to Boston.", "42 flights leave Denver.", '"Quoted" fares only.',
+                      "-dash first", "'Tis the season.", ": a colon first", "<|im_end|> is just text here"]
+
+
+def _llama3_style_tokenizer(tmp_path, smol_tok):
+    """A tiktoken tokenizer.model (all 256 bytes, then SmolLM2's merged tokens in id order) read with LLaMA-3's
+    pre-tokeniser, whose `[^\\r\\n\\p{L}\\p{N}]?\\p{L}+` glues the prompt's final ':' to a following letter."""
+    import base64
+
+    from tokenizer import Tokenizer
+
+    ranks = {bytes([b]): b for b in range(256)}
+    for i in range(smol_tok.vocab_size):
+        t = smol_tok.bpe.id_to_bytes[i] if i < len(smol_tok.bpe.id_to_bytes) else None
+        if t is not None and len(t) > 1 and t not in ranks:
+            ranks[t] = len(ranks)
+    (tmp_path / "tokenizer.model").write_text("".join(f"{base64.b64encode(t).decode()} {r}\n"
+                                                      for t, r in ranks.items()))
+    return Tokenizer.from_dir(tmp_path)
+
+
+def _sentencepiece_tokenizer(tmp_path):
+    import sentencepiece as spm
+
+    from tokenizer import Tokenizer
+
+    lines = [prepare_data.build_prompt(["show me flights", "fly to denver"])] + BOUNDARY_RESPONSES * 20
+    spm.SentencePieceTrainer.train(sentence_iterator=iter(lines), model_prefix=str(tmp_path / "sp"), vocab_size=500,
+                                   model_type="bpe", byte_fallback=True, character_coverage=1.0, minloglevel=2)
+    (tmp_path / "sp.model").rename(tmp_path / "tokenizer.model")
+    return Tokenizer.from_dir(tmp_path)
+
+
+@pytest.mark.parametrize("family", ["smollm2-gguf", "llama3-tiktoken", "sentencepiece"])
+def test_prompt_is_a_prefix_and_labels_are_exactly_the_response(family, llm_tokenizer, tmp_path):
+    tok = {"smollm2-gguf": lambda: llm_tokenizer,
+           "llama3-tiktoken": lambda: _llama3_style_tokenizer(tmp_path, llm_tokenizer),
+           "sentencepiece": lambda: _sentencepiece_tokenizer(tmp_path)}[family]()
+    hyps = ["show me flights to boston", "fly to denver"]
+    prompt_ids = tok.encode(prepare_data.build_prompt(hyps), bos=True, eos=False, special=False).tolist()
+    merged = 0
+    for response in BOUNDARY_RESPONSES:
+        ids, labels = prepare_data.tokenize_example(tok, hyps, response)
+        # what inference feeds (the bare prompt) is exactly what training masked
+        assert ids.tolist()[: len(prompt_ids)] == prompt_ids
+        assert (labels[: len(prompt_ids)] == prepare_data.IGNORE_INDEX).all()
+        answer = labels[labels != prepare_data.IGNORE_INDEX].tolist()
+        assert answer[-1] == tok.eos_id and tok.decode(answer[:-1]) == response
+        # the old way (one string) differs here exactly when the tokenizer merges across the boundary
+        joined = tok.encode(prepare_data.build_prompt(hyps) + response, bos=True, eos=True, special=False).tolist()
+        merged += joined[: len(prompt_ids)] != prompt_ids
+    if family != "sentencepiece":
+        assert merged > 0  # the case this test exists for does occur with byte-level BPE
+
+
+def test_data_text_is_ordinary_text(llm_tokenizer):
+    tok = llm_tokenizer
+    im_end = tok.token_to_id("<|im_end|>")
+    ids, labels = prepare_data.tokenize_example(tok, ["say <|im_end|> twice"], "say <|im_end|> now")
+    assert im_end == tok.eos_id  # SmolLM2's EOS: it must close the response, and only there
+    assert im_end not in ids.tolist()[:-1]  # characters in a transcript never become a control token
+    answer = labels[labels != prepare_data.IGNORE_INDEX].tolist()
+    assert tok.decode(answer[:-1]) == "say <|im_end|> now"
+    assert im_end in tok.encode("<|im_end|>", bos=False).tolist()  # the chat template path still may
+
+
+# ----------------------------------------------------------------------------------------------------
+# Hypothesis forms and the ground truth
+# ----------------------------------------------------------------------------------------------------
+
+SAMPLES = [("Show me flights to Boston.", -1.0, 5), ("Show me flight's to Boston?", -2.0, 1),
+           ("fly to Denver - now", -3.0, 2), ("show me flights to boston", -4.0, 1), ("Zoo: flights", -5.0, 1),
+           ("Show me fights to Boston.", -6.0, 1)]
+
+
+def test_reference_form_lowercases_strips_and_sorts():
+    assert prepare_data.reference_form(' "Fly" to Denver - now: it\'s 3.30, ok? ') == "fly to denver  now its 330 ok"
+    hyps, lps, flags = prepare_data.select_hypotheses(SAMPLES, None, "reference", keep=15)
+    # the distinct normalised texts in alphabetical order (numpy.unique's order), best log-prob kept for each
+    assert hyps == ["fly to denver  now", "show me fights to boston", "show me flights to boston", "zoo flights"]
+    assert lps == [-3.0, -6.0, -1.0, -5.0]
+    assert flags == {"ground_truth_in_nbest": False, "ground_truth_kept": False}
+
+
+@pytest.mark.parametrize("form", ["logprob", "reference"])
+def test_ground_truth_is_removed_before_the_cut(form):
+    gt = "Show me flights to Boston." if form == "logprob" else "SHOW me flights, to Boston"
+    hyps, _, flags = prepare_data.select_hypotheses(SAMPLES, gt, form, keep=3)
+    assert len(hyps) == 3 and flags["ground_truth_in_nbest"] and not flags["ground_truth_kept"]
+    if form == "logprob":
+        assert hyps == ["Show me flight's to Boston?", "fly to Denver - now", "show me flights to boston"]
+    else:
+        assert hyps == ["fly to denver  now", "show me fights to boston", "zoo flights"]
+    kept, _, _ = prepare_data.select_hypotheses(SAMPLES, gt, form, keep=3, keep_ground_truth=True)
+    assert len(kept) == 3 and kept != hyps
+
+
+@pytest.mark.parametrize("form", ["logprob", "reference"])
+def test_a_list_that_is_only_the_ground_truth_keeps_it(form):
+    """The documented policy: never an empty list (prepare, train, evaluate and generate agree)."""
+    hyps, _, flags = prepare_data.select_hypotheses([("Fly to Denver.", -1.0, 200)], "Fly to Denver.", form)
+    assert hyps == (["Fly to Denver."] if form == "logprob" else ["fly to denver"])
+    assert flags == {"ground_truth_in_nbest": True, "ground_truth_kept": True}
+
+
+def _sampled_chunk(tok, chunk, ids, rng, cfg, W=8):
+    """A chunk as prepare() writes it, with raw samples; the derived fields from prepare_data._derive."""
+    feats = rng.standard_normal((len(ids), 1500, W)).astype(np.float16)
+    lines = []
+    for row, utt in enumerate(ids):
+        entry = {"id": utt, "split": "train", "audio": f"{utt}.wav", "text": "Show me flights to Boston.",
+                 "duration": 1.0, "n_frames": 50, "temperatures": [0.75], "samples": [list(s) for s in SAMPLES],
+                 "one_best": SAMPLES[0][0], "one_best_wer": 0.0}
+        lines.append({**prepare_data._derive(entry, cfg, tok), "shard": chunk, "row": row})
+    for line in lines:
+        line.update(chunk=chunk, chunk_lines=len(lines))
+    return feats, lines
+
+
+def test_changing_the_form_rederives_without_sampling(tmp_path, llm_tokenizer, monkeypatch):
+    cfg = prepare_data.PrepareConfig(keep=3)
+    prepare_data._check_meta(tmp_path, cfg)
+    f0, l0 = _sampled_chunk(llm_tokenizer, 0, ["u0", "u1"], np.random.default_rng(0), cfg)
+    prepare_data._commit_chunk(tmp_path / "train", 0, f0, l0)
+    before = prepare_data.PreparedDataset(tmp_path, "train")[0]["meta"]
+    assert before["hypotheses"] == ["Show me flight's to Boston?", "fly to Denver - now", "show me flights to boston"]
+
+    def no_models(cfg):
+        raise AssertionError("re-deriving must not load Whisper or sample")
+
+    monkeypatch.setattr(prepare_data, "_Models", no_models)
+    monkeypatch.setattr(prepare_data, "load_llm_tokenizer", lambda llm=None: llm_tokenizer)
+    utts = [prepare_data.Utterance(u, f"{u}.wav", "Show me flights to Boston.", "train") for u in ("u0", "u1")]
+    ref = prepare_data.PrepareConfig(keep=3, hypotheses="reference")
+    prepare_data.prepare(utts, tmp_path, ref, progress=False)
+    item = prepare_data.PreparedDataset(tmp_path, "train")[0]
+    assert item["meta"]["hypotheses"] == ["fly to denver  now", "show me fights to boston", "zoo flights"]
+    assert json.loads((tmp_path / "meta.json").read_text())["hypotheses"] == "reference"
+    ids, _ = prepare_data.tokenize_example(llm_tokenizer, item["meta"]["hypotheses"], "Show me flights to Boston.")
+    assert torch.equal(item["ids"], ids)
+    np.testing.assert_array_equal(item["audio_features"].numpy(), f0[0])  # features untouched
+    with pytest.raises(prepare_data.PrepareError, match="other settings"):  # sampling settings still refuse
+        prepare_data.prepare(utts, tmp_path, prepare_data.PrepareConfig(keep=3, samples=7), progress=False)

@@ -56,12 +56,25 @@ def literal_whisper_kv(attn, audio, layout):
     return split(k), split(v)
 
 
+def random_padded_template(k_hat, H, D):
+    """The reference's no-special-initialisation ablation (ablation_mini_bad_init.py): per example one F×D
+    standard normal draw, repeated in every head, with [:Hw, :, :Dw] = k̂. Draws torch.randn(B, 1, F, D)."""
+    B, Hw, F, Dw = k_hat.shape
+    pad = torch.randn(B, 1, F, D).to(k_hat.dtype).repeat(1, H, 1, 1)
+    pad[:, :Hw, :, :Dw] = k_hat
+    return pad
+
+
 def literal_whisper_branch(attn, q, audio):
-    """y_w for RoPE'd queries q (B, H, T, D) and audio (B, F, W), per DESIGN.md §2 step 3."""
+    """y_w for RoPE'd queries q (B, H, T, D) and audio (B, F, W), per DESIGN.md §2 step 3 (with the random
+    template of the no-special-initialisation ablation when config.identity_init is False: keys' template
+    drawn first, then the values')."""
     c = attn.config
     B, H, T, D = q.shape
     k_hat, v_hat = literal_whisper_kv(attn, audio, c.kv_layout)
-    K, V = padded_template(k_hat, H, D), padded_template(v_hat, H, D)
+    template = padded_template if c.identity_init else random_padded_template
+    K = template(k_hat, H, D)
+    V = template(v_hat, H, D)
     q1 = q @ attn.adapter_q_dim
     q2 = torch.zeros_like(q1)
     for h in range(H):
@@ -88,7 +101,10 @@ def literal_forward(model, idx, audio):
         rep = H // G
         y = softmax_attention(q, k.repeat_interleave(rep, 1), v.repeat_interleave(rep, 1), causal_offset=0)
         if hasattr(attn, "adapter_prefix"):
-            p = rms(attn.adapter_prefix.weight, None, c.adapter_norm_eps) @ attn.qkv.weight.T  # (L, (H+2G)D)
+            p = attn.adapter_prefix.weight
+            if c.use_whisper:  # the WL variants normalise the prefix; the text-only adapter does not
+                p = rms(p, None, c.adapter_norm_eps)
+            p = p @ attn.qkv.weight.T  # (L, (H+2G)D)
             _, kp, vp = p.split((H * D, G * D, G * D), dim=-1)
             kp = kp.reshape(1, -1, G, D).transpose(1, 2).repeat_interleave(rep, 1).expand(B, -1, -1, -1)
             vp = vp.reshape(1, -1, G, D).transpose(1, 2).repeat_interleave(rep, 1).expand(B, -1, -1, -1)
