@@ -436,3 +436,19 @@ def test_end_to_end_errors(tiny_setup, tmp_path):
         evaluate.evaluate(t["data"], "test", adapters=[bad], out=tmp_path / "o.md", llm=t["llm"],
                           whisper=t["whisper"], max_new_tokens=2, progress=False)
     assert not (tmp_path / "o.md").exists()
+
+
+def test_an_adapter_runs_only_on_data_in_its_hypothesis_form(tiny_setup, tmp_path):
+    """An adapter trained on one n-best form must not be scored on prompts of the other."""
+    t = tiny_setup
+    data = tmp_path / "data"
+    write_prepared(data, UTTERANCES, W=E2E_WIDTH, F=E2E_FRAMES)
+    (data / "meta.json").write_text(json.dumps({"hypotheses": "reference"}))
+    with pytest.raises(evaluate.EvalError, match="trained on 'logprob' n-best lists but .* 'reference'"):
+        evaluate.evaluate(data, "test", adapters=[str(t["adapters"][0])], out=tmp_path / "e.md",
+                          whisper=t["whisper"], max_new_tokens=4, progress=False)
+    # the flag may not contradict the file either
+    with pytest.raises(evaluate.EvalError, match="--hypotheses"):
+        evaluate.evaluate(data, "test", adapters=[str(t["adapters"][0])], out=tmp_path / "e.md",
+                          whisper=t["whisper"], max_new_tokens=4, progress=False,
+                          requested={"hypotheses": "reference"})

@@ -128,3 +128,82 @@ def test_cli_without_adapter_prints_whisper_one_best(tmp_path):
         expected = wm.decode_greedy(model, tok, model.embed_audio(mel))[0].strip()
     assert result["corrected"] is None and result["one_best"] == expected
     assert "boston" in expected.lower()
+
+
+def reference_pth_state(model) -> dict:
+    """The adapter of `model` as the reference research code saves it, written out literally from its
+    lit_llama/WL_*.py and adapter.py: its own names, down/up as right-multiplied (W, W/r) / (W/r, W) matrices,
+    RMSNorm scales named `.scale`."""
+    c = model.config
+    state = {}
+    for i in range(c.adapter_start_layer, c.n_layer):
+        a = model.transformer.h[i].attn
+        p = f"transformer.h.{i}.attn."
+        state[p + "adapter_wte.weight"] = a.adapter_prefix.weight.detach().clone()
+        state[p + "gating_factor"] = a.adapter_gate_prefix.detach().clone()
+        if not c.use_whisper:
+            continue
+        state[p + "projection_gating_factor"] = a.adapter_gate_whisper.detach().clone()
+        state[p + "projection_rms_key.scale"] = a.adapter_norm_k.weight.detach().clone()
+        state[p + "projection_rms_value.scale"] = a.adapter_norm_v.weight.detach().clone()
+        state[p + "projection_key_matrix_down"] = a.adapter_down_k.weight.detach().t().clone()
+        state[p + "projection_key_matrix_up"] = a.adapter_up_k.weight.detach().t().clone()
+        if c.variant == "L":
+            state[p + "projection_value_matrix_down"] = a.adapter_down_v.weight.detach().t().clone()
+            state[p + "projection_value_matrix_up"] = a.adapter_up_v.weight.detach().t().clone()
+        state[p + "projection_query_matrix_128to128"] = a.adapter_q_dim.detach().clone()
+        state[p + "projection_query_matrix_32to32"] = a.adapter_q_head.detach().clone()
+    return state
+
+
+@pytest.mark.parametrize("variant, use_whisper", [("M", True), ("S", True), ("L", True), ("M", False)])
+def test_reference_pth_and_safetensors_give_identical_corrections(tiny, tokenizer, tmp_path, variant, use_whisper):
+    """A reference .pth carries no metadata: its names and shapes must set the layout ("paper"), the variant,
+    the prompt length, the start layer and text-only vs WL, and its prompt form ("reference")."""
+    llm_dir, whisper = tiny
+    model = A.build_model(llm_dir, whisper if use_whisper else None, adapter_start_layer=1, kv_layout="paper",
+                          variant=variant, adapter_prompt_length=3, use_whisper=use_whisper)
+    g = torch.Generator().manual_seed(3)
+    with torch.no_grad():
+        for p in (p for p in model.parameters() if p.requires_grad):
+            p.add_(0.3 * torch.randn(p.shape, generator=g))  # non-symmetric: a missed transpose shows
+    model.eval()
+    ours = A.save_adapter(model, tmp_path / "ours.safetensors", llm=llm_dir, whisper="unused",
+                          extra={"hypotheses": "reference"})
+    ref = tmp_path / "reference.pth"
+    torch.save(reference_pth_state(model), ref)
+    from_ours, _ = G.load_wl(ours, whisper=whisper)
+    from_ref, _ = G.load_wl(ref, llm=llm_dir, whisper=whisper)
+    for loaded in (from_ours, from_ref):
+        c = loaded.config
+        assert (c.kv_layout, c.adapter_prompt_length, c.adapter_start_layer, c.use_whisper) == ("paper", 3, 1,
+                                                                                                 use_whisper)
+        assert c.variant == variant or not use_whisper
+        assert loaded.hypothesis_form == "reference"
+    idx = torch.randint(0, 1000, (1, 9))
+    audio = torch.randn(50, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(from_ref(idx, audio[None]), model(idx, audio[None]), atol=0, rtol=0)
+    hyps = ["show me flights from boston to denver", "show me the flights from boston to denver"]
+    assert G.correct(from_ref, tokenizer, hyps, audio, 10) == G.correct(from_ours, tokenizer, hyps, audio, 10) \
+        == G.correct(model, tokenizer, hyps, audio, 10)
+
+
+def test_flags_fill_what_a_file_leaves_open_and_never_contradict_it(tiny, tmp_path):
+    llm_dir, whisper = tiny
+    model = A.build_model(llm_dir, whisper, adapter_start_layer=1, variant="S")
+    ref = tmp_path / "reference.pth"
+    torch.save(reference_pth_state(model), ref)
+    with pytest.raises(G.GenerateError, match=r"kv_layout='paper'.*kv_layout='heads' \(--kv-layout\)"):
+        G.load_wl(ref, llm=llm_dir, whisper=whisper, kv_layout="heads")
+    with pytest.raises(G.GenerateError, match=r"variant='S'.*--variant"):
+        G.load_wl(ref, llm=llm_dir, whisper=whisper, variant="M")
+    assert G.load_wl(ref, llm=llm_dir, whisper=whisper, variant="S")[0].config.variant == "S"
+    # a .safetensors without metadata: the tensors fix the variant, a flag the layout and the form
+    from safetensors.torch import save_file
+
+    bare = tmp_path / "bare.safetensors"
+    save_file({k: v.contiguous() for k, v in A.adapter_state_dict(model).items()}, str(bare))
+    loaded, _ = G.load_wl(bare, llm=llm_dir, whisper=whisper, kv_layout="paper", hypotheses="reference")
+    assert (loaded.config.kv_layout, loaded.config.variant, loaded.hypothesis_form) == ("paper", "S", "reference")
+    assert G.load_wl(bare, llm=llm_dir, whisper=whisper)[0].config.kv_layout == "heads"

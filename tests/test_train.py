@@ -133,7 +133,8 @@ def tiny(tmp_path_factory):
     whisper_dir = save_checkpoint(base / "whisper", Whisper(dims).state_dict(), asdict(dims))
     data = base / "data"
     data.mkdir()
-    (data / "meta.json").write_text(json.dumps({"llm": str(llm_dir), "feature_model": str(whisper_dir)}))
+    (data / "meta.json").write_text(json.dumps({"llm": str(llm_dir), "feature_model": str(whisper_dir),
+                                                "hypotheses": "reference"}))
     tok = Tokenizer.from_dir(llm_dir)
     rng = np.random.default_rng(0)
     write_split(data, "train", tok, SENTENCES[:16], rng)
@@ -308,6 +309,7 @@ def test_dev_wer_and_best_checkpoint(tiny, tmp_path):
     best = evals[int(np.argmin(wers))]  # the first of equal scores
     meta = A.read_adapter_meta(out / "best.safetensors")
     assert meta["step"] == best["step"] and meta["config"]["variant"] == "M"
+    assert meta["hypotheses"] == "reference"  # the data's n-best form travels with the adapter
     assert Path(meta["whisper"]) == tiny["whisper"] and Path(meta["llm"]) == tiny["llm"]
     model = tiny_model(tiny)
     A.load_adapter_file(model, out / "best.safetensors")
