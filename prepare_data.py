@@ -2,10 +2,16 @@
 
 For every utterance (Whispering-LLaMA, Radhakrishnan et al., EMNLP 2023, §3 and DESIGN.md §1):
 
-    audio ──► Whisper (--nbest-model) ──► 200 samples, T ~ U[0.7, 0.8] ──► dedupe, top 15 by log-prob,
-      │                              └─► greedy 1-best                    ground truth removed
+    audio ──► Whisper (--nbest-model) ──► 200 samples, T ~ U[0.7, 0.8] ──► distinct samples, kept whole
+      │                              └─► greedy 1-best                    with log-probs and counts
       └────► Whisper encoder (--feature-model) ──► (1500, W) float16 features
-    n-best ──► Alpaca prompt ──► LLM token ids; labels = ids with the prompt masked (-100)
+    samples ──► n-best list in a form (HYPOTHESIS_FORMS: top 15 by log-prob, or the reference code's
+                normalised alphabetical list), ground truth removed before the cut, never empty
+    n-best ──► Alpaca prompt ──► LLM token ids (prompt, then the response encoded on its own);
+                                 labels = ids with the prompt masked (-100)
+
+The n-best list and the tokens are derived from the stored samples, so a change of form, of --keep or of
+the LLM re-derives them in place (rederive) without sampling again.
 
 Sections, in reading order:
   synthesis     eSpeak NG through ctypes (the embedded demo corpus is spoken by it)
@@ -829,6 +835,10 @@ class PreparedDataset(torch.utils.data.Dataset):
         if not index.exists():
             raise FileNotFoundError(f"{index} not found: prepare the data first (python prepare_data.py)")
         self.entries = [e for e in _read_index(index) if "skipped" not in e]
+        empty = [e["id"] for e in self.entries if not e["hypotheses"]]
+        if empty:  # folders from before the never-empty policy (select_hypotheses)
+            raise ValueError(f"{index}: utterance {empty[0]} has an empty n-best list (prepared by an older "
+                             "version): prepare the folder again")
         meta_path = self.root / "meta.json"
         self.meta = json.loads(meta_path.read_text()) if meta_path.exists() else {}
         self.tokenizer = tokenizer
@@ -1161,9 +1171,9 @@ DATA = Path(__file__).resolve().parent / "data"
 def main(argv=None):
     parser = argparse.ArgumentParser(
         description="Turn speech + transcripts into what train.py and evaluate.py read: per utterance the Whisper "
-                    "n-best list (200 samples at temperature 0.7-0.8, top 15 by log-probability, ground truth "
-                    "removed), the greedy 1-best, the oracle, encoder features (float16) and the tokenised "
-                    "Alpaca prompt. With no --manifest, synthesises the embedded demo corpus (ATIS-like flight "
+                    "n-best list (200 samples at temperature 0.7-0.8, top 15 by log-probability or the reference "
+                    "code's form, ground truth removed), the greedy 1-best, the oracle, encoder features "
+                    "(float16) and the tokenised Alpaca prompt. With no --manifest, synthesises the embedded demo corpus (ATIS-like flight "
                     "requests spoken by eSpeak NG) into data/demo. Reruns resume where the last run stopped.")
     parser.add_argument("--manifest", help="a manifest (.jsonl/.json/.csv/.tsv with audio path and transcript, "
                                            "optional id and split), a folder of audio files with .txt or "

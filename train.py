@@ -513,8 +513,11 @@ def load_data(run, tokenizer):
 
     # None is the embedded default LLM, in the prepared folder's meta.json as on our command line
     retokenize = None if same_path(meta.get("llm") or SMOLLM2_DIR, run.llm or SMOLLM2_DIR) else tokenizer
-    train = PreparedDataset(root, "train", tokenizer=retokenize)
-    dev = PreparedDataset(root, "dev", tokenizer=retokenize) if (root / "dev" / "index.jsonl").is_file() else None
+    try:
+        train = PreparedDataset(root, "train", tokenizer=retokenize)
+        dev = PreparedDataset(root, "dev", tokenizer=retokenize) if (root / "dev" / "index.jsonl").is_file() else None
+    except ValueError as e:
+        raise TrainError(str(e)) from None
     if len(train) == 0:
         raise TrainError(f"{root}/train holds no utterances")
     if dev is not None and len(dev) == 0:
