@@ -133,6 +133,17 @@ def prefix_attention(q, k_p, v_p):
     return F.scaled_dot_product_attention(q, k_p, v_p, enable_gqa=k_p.shape[1] != H)
 
 
+def attend_frames(q, k, v):
+    """scaled_dot_product_attention over the audio frames, no mask. On a CPU the fused kernel runs 2.7× slower
+    in bf16 than in fp32 at 1500 frames (forward + backward; bench/train_speed.py), so half-precision inputs
+    (or bf16 autocast) are computed in fp32 there and the result cast back; on GPUs the call is unchanged."""
+    half = q.dtype in (torch.bfloat16, torch.float16) or torch.is_autocast_enabled("cpu")
+    if q.device.type != "cpu" or not half:
+        return F.scaled_dot_product_attention(q, k, v)
+    with torch.autocast("cpu", enabled=False):
+        return F.scaled_dot_product_attention(q.float(), k.float(), v.float()).to(q.dtype)
+
+
 def whisper_attention(q: torch.Tensor, k_tail: torch.Tensor, v_tail: torch.Tensor) -> torch.Tensor:
     """softmax(q K_padᵀ / √D) V_pad for all H heads, building K_pad/V_pad only for the Hw Whisper heads.
 
@@ -145,7 +156,7 @@ def whisper_attention(q: torch.Tensor, k_tail: torch.Tensor, v_tail: torch.Tenso
     act together like one extra score of log(F - n)), and their output column d is the probability of frame d."""
     B, H, T, D = q.shape
     Hw, F_ = k_tail.shape[1:3]
-    y_real = F.scaled_dot_product_attention(q[:, :Hw], k_tail, v_tail)  # (B, Hw, T, D)
+    y_real = attend_frames(q[:, :Hw], k_tail, v_tail)  # (B, Hw, T, D)
     if H == Hw:
         return y_real
     n = min(F_, D)
@@ -177,9 +188,10 @@ def random_template(x: torch.Tensor, H: int, D: int) -> torch.Tensor:
 class AdapterAttention(CausalSelfAttention):
     """LLaMA's attention plus AiL (prefix) and AiW (Whisper) branches; see the module docstring."""
 
-    def __init__(self, config: WLConfig):
+    def __init__(self, config: WLConfig, block_idx: int):
         super().__init__(config)
         self.config = config
+        self.whisper_block = config.whisper_block(block_idx)  # j: the Whisper block whose k/v projections it copies
         C, H, D = config.n_embd, config.n_head, config.head_size
         # AiL: the learnable prefix and its zero-initialised gate.
         self.adapter_prefix = nn.Embedding(config.adapter_prompt_length, C)
@@ -234,15 +246,28 @@ class AdapterAttention(CausalSelfAttention):
         _, k_p, v_p = self.split_heads(self.qkv(p))
         return k_p, v_p  # no RoPE: the prefix has no position
 
-    def whisper_kv(self, audio: torch.Tensor):
+    def whisper_projections(self, audio: torch.Tensor, projected=None):
+        """k = A Wk_j and v = A Wv_j + bv_j, (B, F, W) each: frozen, so they depend only on the audio and on j.
+        Several LLaMA blocks copy the same Whisper block (30 SmolLM2 blocks over 4 tiny.en blocks): `projected`,
+        a dict {j: (k, v)} that lives for one forward, lets them compute it once (exact: the copies are equal)."""
+        if projected is not None and self.whisper_block in projected:
+            return projected[self.whisper_block]
+        with torch.no_grad():  # frozen weights and features: nothing to differentiate, nothing to save
+            audio = audio.to(self.whisper_key.weight.dtype)
+            kv = self.whisper_key(audio), self.whisper_value(audio)
+        if projected is not None:
+            projected[self.whisper_block] = kv
+        return kv
+
+    def whisper_kv(self, audio: torch.Tensor, projected=None):
         """Keys and values of the Whisper heads with their identity tail, (B, Hw, F, D) each, from audio
         features (B, F, W)."""
         c = self.config
-        audio = audio.to(self.whisper_key.weight.dtype)
         down_v = self.adapter_down_k if c.shared_down_up else self.adapter_down_v
         up_v = self.adapter_up_k if c.shared_down_up else self.adapter_up_v
-        k = self.adapter_up_k(F.silu(self.adapter_down_k(self.adapter_norm_k(self.whisper_key(audio)))))
-        v = up_v(F.silu(down_v(self.adapter_norm_v(self.whisper_value(audio)))))
+        k, v = self.whisper_projections(audio, projected)
+        k = self.adapter_up_k(F.silu(self.adapter_down_k(self.adapter_norm_k(k))))
+        v = up_v(F.silu(down_v(self.adapter_norm_v(v))))
         k, v, D = self.split_whisper_heads(k), self.split_whisper_heads(v), c.head_size
         if not c.identity_init:  # the no-special-initialisation ablation: a random template, all H heads
             return random_template(k, c.n_head, D), random_template(v, c.n_head, D)
@@ -261,7 +286,7 @@ class AdapterAttention(CausalSelfAttention):
         q = torch.einsum("bitd,ih->bhtd", q @ self.adapter_q_dim, self.adapter_q_head)
         return q.contiguous()  # einsum may return a strided view; the fused attention kernel needs stride 1
 
-    def forward(self, x, cos, sin, mask=None, input_pos=None, audio=None):
+    def forward(self, x, cos, sin, mask=None, input_pos=None, audio=None, projected=None):
         q, y = self.attend(x, cos, sin, mask, input_pos)
         decoding = input_pos is not None
 
@@ -278,7 +303,7 @@ class AdapterAttention(CausalSelfAttention):
             else:
                 if audio is None:
                     raise ValueError("this model fuses audio: pass audio features (B, F, W)")
-                k_w, v_w = self.whisper_kv(audio)
+                k_w, v_w = self.whisper_kv(audio, projected)
                 if decoding:
                     self.whisper_cache = (k_w, v_w)
             y_w = whisper_attention(self.transform_query(q), k_w, v_w)
@@ -287,9 +312,9 @@ class AdapterAttention(CausalSelfAttention):
 
 
 class AdapterBlock(Block):
-    def __init__(self, config: WLConfig):
+    def __init__(self, config: WLConfig, block_idx: int):
         super().__init__(config)
-        self.attn = AdapterAttention(config)
+        self.attn = AdapterAttention(config, block_idx)
 
 
 class WhisperingLLaMA(LLaMA):
@@ -302,7 +327,7 @@ class WhisperingLLaMA(LLaMA):
             block.attn.reset_adapter_parameters()
 
     def build_block(self, config: WLConfig, i: int) -> nn.Module:
-        return AdapterBlock(config) if i >= config.adapter_start_layer else Block(config)
+        return AdapterBlock(config, i) if i >= config.adapter_start_layer else Block(config)
 
     def adapter_blocks(self):
         # By index, not isinstance: FSDP replaces each block by a wrapper around it.
@@ -330,9 +355,10 @@ class WhisperingLLaMA(LLaMA):
         if audio is not None and self.config.random_audio:  # ablation: the audio carries no information
             audio = torch.randn(audio.shape, device=audio.device, dtype=torch.float32)
         x, cos, sin, mask = self.prepare(idx, input_pos)
+        projected = {}  # Whisper k/v projections of this forward, shared by the blocks that copy the same j
         for i, block in enumerate(self.transformer.h):
             if i >= self.config.adapter_start_layer:  # an AdapterBlock (possibly inside an FSDP wrapper)
-                x = block(x, cos, sin, mask, input_pos, audio=audio)
+                x = block(x, cos, sin, mask, input_pos, audio=audio, projected=projected)
             else:
                 x = block(x, cos, sin, mask, input_pos)
         return self.head(x, logits_mask)

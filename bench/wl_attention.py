@@ -89,7 +89,7 @@ def child(args):
         llm = Config.from_name("llama-7b", n_layer=1)
         cfg = A.wl_config(llm, whisper_width=1280, whisper_heads=20, whisper_layers=1, adapter_start_layer=0)
         B, T, Fr = 4, 256, 1500
-    attn = A.AdapterAttention(cfg)
+    attn = A.AdapterAttention(cfg, cfg.adapter_start_layer)
     for name, p in attn.named_parameters():
         if name.startswith("whisper_"):
             torch.nn.init.normal_(p, std=0.02)
@@ -143,7 +143,7 @@ def decode_steps(threads, small, steps=20):
         cfg = A.wl_config(Config.from_name("llama-7b", n_layer=1), whisper_width=1280, whisper_heads=20,
                           whisper_layers=1, adapter_start_layer=0)
         Fr = 1500
-    attn = A.AdapterAttention(cfg).eval()
+    attn = A.AdapterAttention(cfg, cfg.adapter_start_layer).eval()
     for name, p in attn.named_parameters():
         if name.startswith("whisper_"):
             torch.nn.init.normal_(p, std=0.02)

@@ -263,3 +263,39 @@ def test_trim_audio_uses_only_the_frames_that_carry_audio():
     trimmed = model(idx, audio, audio_frames=13)
     torch.testing.assert_close(trimmed, literal_forward(model, idx, audio[:, :13]), atol=1e-9, rtol=1e-7)
     assert not torch.allclose(trimmed, model(idx, audio))  # without audio_frames: all 40 frames
+
+
+def test_blocks_that_copy_the_same_whisper_block_project_the_audio_once():
+    """4 LLaMA blocks over a 2-block Whisper: blocks 1, 2, 3 copy Whisper blocks 0, 1, 1. Their frozen k/v
+    projections are equal copies, so block 3 reuses block 2's (one projection per Whisper block per forward);
+    the result equals the literal per-layer computation, values and gradients."""
+    torch.manual_seed(0)
+    cfg = A.WLConfig(name="t", block_size=64, vocab_size=97, n_layer=4, n_head=4, n_query_groups=2, n_embd=64,
+                     intermediate_size=128, adapter_start_layer=1, adapter_prompt_length=3, whisper_width=16,
+                     whisper_heads=2, whisper_layers=2)
+    model = A.WhisperingLLaMA(cfg).double()
+    assert [b.attn.whisper_block for b in model.adapter_blocks()] == [0, 1, 1]
+    whisper_weights = {j: (torch.randn(16, 16), torch.randn(16, 16), torch.randn(16)) for j in (0, 1)}
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "adapter_" in name:
+                p.add_(0.3 * torch.randn_like(p))
+        for b in model.adapter_blocks():  # what copy_whisper_projections does: block j's weights, copied
+            wk, wv, bv = whisper_weights[b.attn.whisper_block]
+            b.attn.whisper_key.weight.copy_(wk)
+            b.attn.whisper_value.weight.copy_(wv)
+            b.attn.whisper_value.bias.copy_(bv)
+    A.mark_only_adapter_as_trainable(model)
+    calls = []
+    for b in model.adapter_blocks():
+        b.attn.whisper_key.register_forward_hook(lambda *a: calls.append(1))
+    idx = torch.randint(0, 97, (2, 7))
+    audio = torch.randn(2, 20, 16, dtype=torch.float64)
+    fast = model(idx, audio)
+    assert len(calls) == 2  # one per distinct Whisper block, not one per LLaMA block
+    slow = literal_forward(model, idx, audio)
+    torch.testing.assert_close(fast, slow, atol=1e-9, rtol=1e-7)
+    g = torch.randn_like(fast)
+    params = [p for p in model.parameters() if p.requires_grad]
+    for a, b in zip(torch.autograd.grad(fast, params, g), torch.autograd.grad(slow, params, g)):
+        torch.testing.assert_close(a, b, atol=1e-9, rtol=1e-7)
