@@ -453,3 +453,19 @@ def test_two_process_ddp_equals_one_process(tiny, tmp_path):
     a, b = load_adapter(one / "last.safetensors"), load_adapter(two / "last.safetensors")
     for k in a:
         torch.testing.assert_close(b[k], a[k], rtol=1e-4, atol=1e-5)
+
+
+def test_a_step_cuts_its_examples_into_micro_batches_of_similar_length(tiny):
+    """The step takes the same examples as before (the next batch_size of the epoch's order, this process's
+    slice), but its micro-batches group similar lengths, so less of each is padding."""
+    ds = P.PreparedDataset(tiny["data"], "train")
+    order = T.epoch_order(len(ds), 1337, 0)
+    for rank, world in ((0, 1), (1, 2)):
+        micro = T.step_micro_batches(ds, order, 0, 4, 2, rank, world)
+        per_rank = 4 // world
+        taken = order[rank * per_rank:(rank + 1) * per_rank]
+        lengths = sorted(len(ds.entries[i]["ids"]) for i in taken)
+        got = sorted(m["id"] for b in micro for m in b["meta"])
+        assert got == sorted(ds.entries[i]["id"] for i in taken)  # the same examples
+        real = [b["n_tokens"] for b in micro]
+        assert real == [sum(lengths[j: j + 2]) for j in range(0, len(lengths), 2)]  # shortest first, in pairs
