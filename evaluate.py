@@ -297,6 +297,68 @@ def run_adapter(adapter, ds: PreparedDataset, llm=None, whisper=None, device="cp
     return outputs
 
 
+# ----------------------------------------------------------------------------------------------------
+# LLM n-best rescoring: selection instead of generation, with the same frozen LLM and no training
+# ----------------------------------------------------------------------------------------------------
+
+RESCORE_WEIGHTS = (0.0, 0.05, 0.1, 0.2, 0.3, 0.5, 0.75, 1.0, 1.5, 2.0, 3.0, 5.0)  # λ grid, tuned on dev
+
+
+@torch.inference_mode()
+def lm_logprobs(model, tokenizer, texts) -> list:
+    """Total log-probability of each text under the plain LLM, as one sentence: P(text, EOS | BOS), the text
+    encoded as ordinary characters. One padded batch; padding is never scored."""
+    bos = tokenizer.bos_id is not None
+    seqs = [tokenizer.encode(t, bos=bos, eos=True, special=False) for t in texts]
+    lengths = torch.tensor([len(s) for s in seqs])
+    ids = torch.zeros(len(seqs), int(lengths.max()), dtype=torch.long)
+    for i, s in enumerate(seqs):
+        ids[i, : len(s)] = s
+    param = next(model.parameters())
+    logp = model(ids.to(param.device)).float().log_softmax(-1)[:, :-1]  # position t predicts token t + 1
+    token_lp = logp.gather(-1, ids[:, 1:, None].to(param.device))[..., 0].cpu()  # (n, T-1)
+    scored = torch.arange(ids.shape[1] - 1)[None] < (lengths - 1)[:, None]
+    return (token_lp * scored).sum(1).tolist()
+
+
+def lm_scores(model, tokenizer, utterances, progress=True) -> list:
+    """[LM log-probability of each hypothesis] per utterance."""
+    return [lm_logprobs(model, tokenizer, u["hypotheses"])
+            for u in tqdm(utterances, desc="LM scores", unit="utt", disable=not progress)]
+
+
+def rescore(utterances, scores, weight: float) -> list:
+    """Per utterance the hypothesis with the highest LM log-prob + weight × Whisper's total log-prob (given
+    lists have no Whisper log-prob: the LM alone decides there). Ties: the first (Whisper's best first)."""
+    chosen = []
+    for u, lm in zip(utterances, scores):
+        whisper = u.get("logprobs") or [None] * len(lm)
+        total = [s + weight * (w or 0.0) for s, w in zip(lm, whisper)]
+        chosen.append(u["hypotheses"][total.index(max(total))])
+    return chosen
+
+
+def tune_rescoring(utterances, scores, weights=RESCORE_WEIGHTS) -> float:
+    """The λ of `weights` with the lowest raw corpus WER on `utterances` (a dev split; ties: the smallest)."""
+    refs = [u["text"] for u in utterances]
+    return min(weights, key=lambda w: (corpus_wer(refs, rescore(utterances, scores, w)), w))
+
+
+def rescoring_rows(data, split, ds, llm=None, device="cpu", tune_split="dev", progress=True) -> dict:
+    """{row name: outputs} for LLM n-best rescoring on ds: the LM alone, and the LM interpolated with
+    Whisper's log-prob with λ tuned on `tune_split` (never on the split being scored)."""
+    from generate import load_llm
+
+    if tune_split == split:
+        raise EvalError(f"--tune-split {tune_split} is the split being scored: tune on another (dev)")
+    model, tokenizer = load_llm(llm, device=device)
+    scores = lm_scores(model, tokenizer, ds.entries, progress)
+    dev = load_split(data, tune_split)
+    weight = tune_rescoring(dev.entries, lm_scores(model, tokenizer, dev.entries, progress))
+    return {"LLM rescoring (LM only)": rescore(ds.entries, scores, 0.0),
+            f"LLM rescoring (LM + {weight:g}·Whisper, λ tuned on {tune_split})": rescore(ds.entries, scores, weight)}
+
+
 def default_adapters(out_root=ROOT / "out") -> list:
     """[the best checkpoint of the latest training run under out_root], or [] when there is none. The same
     choice as generate.py's default (the newest best.safetensors), so that both scripts use one adapter."""
@@ -312,9 +374,11 @@ def default_adapters(out_root=ROOT / "out") -> list:
 
 
 def evaluate(data, split="test", adapters=None, limit=None, out=None, llm=None, whisper=None, device="cpu",
-             max_new_tokens=150, select="raw", progress=True, requested=None) -> dict:
+             max_new_tokens=150, select="raw", progress=True, requested=None, rescoring=False,
+             tune_split="dev") -> dict:
     """Run every adapter on the split and write the table and the per-utterance JSONL.
     adapters None: the best checkpoint of the latest training run in out/, if any (else baseline rows only).
+    rescoring: add the LLM n-best rescoring rows (λ tuned on tune_split).
     Returns {"table", "best", "markdown", "out", "jsonl"}."""
     ds = load_split(data, split, limit)
     out = Path(out) if out is not None else ROOT / "out" / "eval" / f"{split}.md"
@@ -335,9 +399,13 @@ def evaluate(data, split="test", adapters=None, limit=None, out=None, llm=None, 
     utterances = ds.entries
     outputs = {}
 
+    if rescoring:
+        outputs.update(rescoring_rows(data, split, ds, llm, device, tune_split, progress))
+
     def report():
         table, details = score(utterances, outputs)
-        best = best_system(table, list(outputs), select) if len(outputs) > 1 else None
+        ran = [a for a in names if a in outputs]
+        best = best_system(table, ran, select) if len(ran) > 1 else None
         markdown = format_table(table, f"{Path(data).name} / {split}: {len(utterances)} utterances", best, select)
         jsonl = write_report(out, markdown, utterance_lines(utterances, outputs, details))
         return {"table": table, "best": best, "markdown": markdown, "out": out, "jsonl": jsonl}
@@ -364,6 +432,10 @@ def main(argv=None):
     parser.add_argument("--max-new-tokens", type=int, default=150, help="the paper's 150")
     parser.add_argument("--select", choices=NORMALISATIONS, default="raw",
                         help="which WER names the best adapter when several are given (default raw)")
+    parser.add_argument("--rescore", action="store_true",
+                        help="add LLM n-best rescoring rows: the hypothesis the frozen LLM likes best, alone and "
+                             "interpolated with Whisper's log-prob (weight tuned on --tune-split)")
+    parser.add_argument("--tune-split", default="dev", help="split that tunes the rescoring weight (default dev)")
     parser.add_argument("--device", default="cpu")
     add_adapter_flags(parser)
     parser.add_argument("--threads", type=int, default=os.cpu_count(), help="torch threads (default: all cores)")
@@ -375,7 +447,8 @@ def main(argv=None):
         if args.max_new_tokens < 1:
             raise EvalError("--max-new-tokens must be at least 1")
         result = evaluate(args.data, args.split, args.adapter, args.limit, args.out, args.llm, args.whisper,
-                          args.device, args.max_new_tokens, args.select, requested=adapter_requests(args))
+                          args.device, args.max_new_tokens, args.select, requested=adapter_requests(args),
+                          rescoring=args.rescore, tune_split=args.tune_split)
     except (EvalError, FileNotFoundError, ValueError) as e:
         message = str(e).splitlines()[0] if str(e) else type(e).__name__
         print(f"error: {message}", file=sys.stderr)

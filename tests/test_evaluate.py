@@ -452,3 +452,70 @@ def test_an_adapter_runs_only_on_data_in_its_hypothesis_form(tiny_setup, tmp_pat
         evaluate.evaluate(data, "test", adapters=[str(t["adapters"][0])], out=tmp_path / "e.md",
                           whisper=t["whisper"], max_new_tokens=4, progress=False,
                           requested={"hypotheses": "reference"})
+
+
+# ----------------------------------------------------------------------------------------------------
+# LLM n-best rescoring
+# ----------------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def tiny_lm():
+    import torch
+
+    from convert_checkpoint import smollm2_gguf_path
+    from model import LLaMA, Config
+    from tokenizer import Tokenizer
+
+    tok = Tokenizer.from_file(smollm2_gguf_path())
+    torch.manual_seed(0)
+    cfg = Config(name="tiny-smol", block_size=256, vocab_size=tok.vocab_size, n_layer=2, n_head=4, n_query_groups=2,
+                 n_embd=32, intermediate_size=64, tie_embeddings=True)
+    return LLaMA(cfg).eval(), tok
+
+
+def test_lm_logprobs_equal_the_literal_per_token_sum(tiny_lm):
+    import torch
+
+    model, tok = tiny_lm
+    texts = ["show me flights", "Show me the flights from Boston to Denver.", "a"]
+    got = evaluate.lm_logprobs(model, tok, texts)  # one padded batch
+    for text, value in zip(texts, got):
+        ids = tok.encode(text, bos=True, eos=True, special=False)
+        with torch.no_grad():
+            logp = torch.log_softmax(model(ids[None])[0].double(), dim=-1)
+        expected = sum(float(logp[t, ids[t + 1]]) for t in range(len(ids) - 1))
+        assert value == pytest.approx(expected, abs=1e-3)
+
+
+def test_rescoring_interpolates_and_tunes_the_weight_on_another_split():
+    utts = [{"text": "fly to denver", "hypotheses": ["fly to denver", "fly to dover"], "logprobs": [-1.0, -3.0]},
+            {"text": "a b c", "hypotheses": ["a b d", "a b c"], "logprobs": [-2.0, -1.0]}]
+    lm = [[-10.0, -9.0], [-4.0, -5.5]]  # the LM alone prefers the wrong hypothesis in both
+    assert evaluate.rescore(utts, lm, 0.0) == ["fly to dover", "a b d"]
+    # λ = 1: -11 vs -12 → "fly to denver"; -6 vs -6.5 → "a b d"; λ = 2: also "a b c" (-8 vs -7.5)
+    assert evaluate.rescore(utts, lm, 1.0) == ["fly to denver", "a b d"]
+    assert evaluate.rescore(utts, lm, 2.0) == ["fly to denver", "a b c"]
+    assert evaluate.tune_rescoring(utts, lm, weights=(0.0, 1.0, 2.0, 3.0)) == 2.0  # lowest WER, then smallest λ
+    given = [{"text": "x", "hypotheses": ["y", "x"], "logprobs": [None, None]}]  # no Whisper log-probs
+    assert evaluate.rescore(given, [[-2.0, -1.0]], 5.0) == ["x"]
+    with pytest.raises(EvalError, match="tune on another"):
+        evaluate.rescoring_rows("unused", "dev", None, tune_split="dev")
+
+
+def test_rescoring_rows_in_the_table(tmp_path, monkeypatch, tiny_lm):
+    import generate
+
+    monkeypatch.setattr(generate, "load_llm", lambda llm=None, device="cpu": tiny_lm)
+    write_prepared(tmp_path / "data", UTTERANCES)
+    write_prepared(tmp_path / "data", UTTERANCES[:2], split="dev")
+    result = evaluate.evaluate(tmp_path / "data", "test", adapters=[], out=tmp_path / "t.md", rescoring=True,
+                               progress=False)
+    rows = parse_table(result["markdown"])
+    assert list(rows)[:3] == ["1-best", "oracle", "LLM rescoring (LM only)"]
+    assert list(rows)[3].startswith("LLM rescoring (LM + ") and list(rows)[3].endswith("λ tuned on dev)")
+    model, tok = tiny_lm
+    expected = [u["hypotheses"][max(range(len(u["hypotheses"])), key=lambda i, s=evaluate.lm_logprobs(
+        model, tok, u["hypotheses"]): s[i])] for u in UTTERANCES]
+    lines = [json.loads(s) for s in result["jsonl"].read_text().splitlines()]
+    assert [line["outputs"]["LLM rescoring (LM only)"] for line in lines] == expected
