@@ -302,6 +302,24 @@ def portable(name_or_dir):
     return str(Path(name_or_dir).resolve())
 
 
+def provenance(run) -> dict:
+    """Where an adapter came from, for its file's metadata: the command line, the code's commit, the data folder
+    and its summary (utterances, 1-best and oracle WER per split)."""
+    import subprocess
+
+    from prepare_data import summary
+
+    try:
+        root = Path(__file__).resolve().parent
+        commit = subprocess.run(["git", "-C", str(root), "describe", "--always", "--dirty"], capture_output=True,
+                                text=True, timeout=10).stdout.strip() or "unknown"
+    except (OSError, subprocess.SubprocessError):
+        commit = "unknown"
+    data_summary = {split: {k: v for k, v in s.items() if k != "skipped"} for split, s in summary(run.data).items()}
+    return {"command": "python train.py " + " ".join(getattr(run, "argv", None) or sys.argv[1:]),
+            "commit": commit, "data": str(Path(run.data).resolve()), "data_summary": json.dumps(data_summary)}
+
+
 def save_adapter(fabric, model, path: Path, run, **extra):
     """The adapter tensors alone (adapter.save_adapter: safetensors, atomic, with the adapter config and the
     LLM / Whisper it was trained on in the metadata, so that generate.py and evaluate.py can rebuild the model)."""
@@ -310,7 +328,8 @@ def save_adapter(fabric, model, path: Path, run, **extra):
     with full_model(fabric, model) as net:
         if fabric.is_global_zero:
             # the n-best form of the training data: generate.py and evaluate.py must build prompts the same way
-            extra = {"hypotheses": getattr(run, "hypotheses", None) or "logprob", **extra}
+            extra = {"hypotheses": getattr(run, "hypotheses", None) or "logprob",
+                     **getattr(run, "provenance", {}), **extra}
             adapter.save_adapter(net, path, llm=portable(run.llm), whisper=portable(run.whisper), extra=extra)
     fabric.barrier()
 
@@ -776,6 +795,7 @@ def resolve_run(argv):
     that may change between sessions."""
     run = build_parser().parse_args(argv)
     given = vars(build_parser(with_defaults=False).parse_args(argv))
+    run_argv = list(argv) if argv is not None else sys.argv[1:]
     run.out = Path(run.out or default_out(run))
     if not run.resume and (run.out / "state.ckpt").exists() and not run.overwrite:
         raise TrainError(f"{run.out} already holds a run: pass --resume to continue it, --overwrite to replace it "
@@ -793,6 +813,7 @@ def resolve_run(argv):
             setattr(run, key, saved.get(key))
     check_run(run)
     check_data_folder(run)  # the most common mistake; costs nothing to find
+    run.argv = run_argv  # this session's command line, for the adapter files' metadata
     return run
 
 
@@ -822,6 +843,7 @@ def train(run):
 
     meta = json.loads((Path(run.data) / "meta.json").read_text()) if (Path(run.data) / "meta.json").is_file() else {}
     run.hypotheses = meta.get("hypotheses") or "logprob"  # recorded in every adapter file of this run
+    run.provenance = provenance(run)
     if run.whisper is None:
         run.whisper = meta.get("feature_model") or "tiny.en"
     elif meta.get("feature_model") and not same_path(meta["feature_model"], run.whisper):

@@ -310,6 +310,11 @@ def test_dev_wer_and_best_checkpoint(tiny, tmp_path):
     meta = A.read_adapter_meta(out / "best.safetensors")
     assert meta["step"] == best["step"] and meta["config"]["variant"] == "M"
     assert meta["hypotheses"] == "reference"  # the data's n-best form travels with the adapter
+    # provenance: the command line, the code's commit, the data and its summary
+    assert meta["command"].startswith("python train.py --data ") and "--max-steps 8" in meta["command"]
+    assert meta["commit"] and meta["data"] == str(Path(tiny["data"]).resolve())
+    summary = json.loads(meta["data_summary"])
+    assert summary["train"]["utterances"] == len(P.PreparedDataset(tiny["data"], "train"))
     assert Path(meta["whisper"]) == tiny["whisper"] and Path(meta["llm"]) == tiny["llm"]
     model = tiny_model(tiny)
     A.load_adapter_file(model, out / "best.safetensors")
