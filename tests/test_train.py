@@ -143,8 +143,10 @@ def tiny(tmp_path_factory):
 
 
 def args(tiny, out, *extra):
+    # fp32 unless a test asks otherwise: the CPU default is chosen by a quick matmul timing (train.resolve_precision)
+    precision = [] if "--precision" in extra else ["--precision", "32"]
     return ["--data", str(tiny["data"]), "--llm", str(tiny["llm"]), "--out", str(out), "--batch", "4",
-            "--micro-batch", "2", "--dev-limit", "0", "--accelerator", "cpu", *extra]
+            "--micro-batch", "2", "--dev-limit", "0", "--accelerator", "cpu", *precision, *extra]
 
 
 def read_log(out):
@@ -474,3 +476,11 @@ def test_a_step_cuts_its_examples_into_micro_batches_of_similar_length(tiny):
         assert got == sorted(ds.entries[i]["id"] for i in taken)  # the same examples
         real = [b["n_tokens"] for b in micro]
         assert real == [sum(lengths[j: j + 2]) for j in range(0, len(lengths), 2)]  # shortest first, in pairs
+
+
+def test_cpu_default_precision_follows_the_measured_matmul_speed(monkeypatch):
+    monkeypatch.setattr(T, "cpu_bf16_is_faster", lambda: True)
+    assert T.resolve_precision(None, "cpu") == "bf16"
+    monkeypatch.setattr(T, "cpu_bf16_is_faster", lambda: False)
+    assert T.resolve_precision(None, "cpu") == "32-true"
+    assert T.resolve_precision("32", "cpu") == "32-true" and T.resolve_precision("bf16", "cpu") == "bf16"
