@@ -19,7 +19,9 @@ Decoding (`generate`) uses the KV cache: the prompt is run once in a single forw
 cache (prefill), then each new token costs one forward pass over that token alone.
 """
 import argparse
+import json
 import math
+import os
 import sys
 import time
 from pathlib import Path
@@ -173,7 +175,13 @@ def find_latest_adapter(root=OUT) -> Optional[Path]:
         return best[-1]
     from adapter import read_adapter_meta
 
-    files = [p for p in sorted(root.rglob("*.safetensors"), key=lambda p: p.stat().st_mtime) if read_adapter_meta(p)]
+    def is_adapter(p):
+        try:
+            return bool(read_adapter_meta(p))
+        except (OSError, ValueError):  # a damaged file is nobody's default; naming it with --adapter reports it
+            return False
+
+    files = [p for p in sorted(root.rglob("*.safetensors"), key=lambda p: p.stat().st_mtime) if is_adapter(p)]
     return files[-1] if files else None
 
 
@@ -198,7 +206,7 @@ def load_wl(adapter=None, llm=None, whisper=None, device="cpu", dtype=None, **re
     if not adapter.is_file():
         raise GenerateError(f"adapter checkpoint {adapter} not found")
     meta = read_adapter_meta(adapter) if adapter.suffix == ".safetensors" else {}
-    state, settings = read_adapter_file(adapter)
+    state, settings = read_adapter_file(adapter)  # a damaged or foreign file: a one-line ValueError
     try:
         settings = merge_settings(adapter, settings, requested)
     except ValueError as e:
@@ -209,7 +217,10 @@ def load_wl(adapter=None, llm=None, whisper=None, device="cpu", dtype=None, **re
     if whisper is None or isinstance(whisper, (str, Path)):
         whisper, _ = load_whisper(whisper or meta.get("whisper") or "tiny.en", device=device)
     model = build_model(llm_dir, whisper if settings.get("use_whisper", True) else None, device=device, **settings)
-    load_adapter_state(model, state)
+    try:
+        load_adapter_state(model, state)
+    except ValueError as e:  # e.g. an adapter trained on another LLM's width: name the file
+        raise GenerateError(f"{adapter}: {e}") from None
     model.eval()
     if dtype is not None:
         model = model.to(dtype)
@@ -241,33 +252,37 @@ def correct(model, tokenizer, hypotheses, audio_features, max_new_tokens: int = 
     return response_text(tokenizer.decode(ids[len(prompt_ids):]))
 
 
-def audio_inputs(paths) -> list:
-    """--audio arguments → audio files: files as given, folders searched for audio, manifests read."""
+def audio_inputs(paths) -> tuple:
+    """--audio arguments → (audio files, failures): files as given, folders searched for audio, manifests read.
+    failures: (argument, problem) for each argument that gives no file; the others still run."""
     from prepare_data import AUDIO_EXTENSIONS, InputError, read_manifest
 
-    files = []
+    files, failures = [], []
     for p in map(Path, paths):
         if p.is_dir():
             found = sorted(f for f in p.rglob("*") if f.suffix.lower() in AUDIO_EXTENSIONS and f.is_file())
             if not found:
-                raise GenerateError(f"{p}: no audio files found")
+                failures.append((p, f"no audio files ({' '.join(AUDIO_EXTENSIONS)}) in this folder"))
             files += found
+        elif not p.exists():
+            failures.append((p, "no such file"))
         elif p.suffix.lower() in (".jsonl", ".json", ".csv", ".tsv"):
             try:
                 files += [Path(u.audio) for u in read_manifest(p)]
-            except InputError as e:
-                raise GenerateError(str(e)) from None
-        elif p.is_file():
-            files.append(p)
+            except InputError as e:  # its message starts with the manifest's path
+                failures.append((p, str(e).removeprefix(f"{p}: ")))
         else:
-            raise GenerateError(f"{p} not found")
-    return files
+            files.append(p)
+    return files, failures
 
 
 def windows(audio, seconds: int = 30, sample_rate: int = 16000) -> list:
     """Consecutive windows of at most 30 s: Whisper's encoder sees 30 s at a time."""
     n = seconds * sample_rate
     return [audio[i:i + n] for i in range(0, len(audio), n)] or [audio]
+
+
+WINDOW_BATCH = 8  # 30 s windows encoded together: a long recording is not held as one (hours, F, W) batch
 
 
 def transcribe_and_correct(path, hyp_model, hyp_tok, feat_model, wl, tokenizer, args) -> dict:
@@ -278,32 +293,35 @@ def transcribe_and_correct(path, hyp_model, hyp_tok, feat_model, wl, tokenizer, 
 
     audio = wm.load_audio(path)
     pieces = windows(audio)
-    mels = torch.stack([wm.log_mel_spectrogram(w, hyp_model.dims.n_mels) for w in pieces])
-    with torch.inference_mode():
-        feats = hyp_model.embed_audio(mels)  # the encoder runs once for all windows of the file
-        one_best = wm.decode_greedy(hyp_model, hyp_tok, feats)
-        if feat_model is hyp_model:
-            wl_feats = feats
-        else:  # another encoder; the same log-mel input unless it wants another number of mel bins
-            n_mels = feat_model.dims.n_mels
-            wl_mels = mels if n_mels == hyp_model.dims.n_mels else \
-                torch.stack([wm.log_mel_spectrogram(w, n_mels) for w in pieces])
-            wl_feats = feat_model.embed_audio(wl_mels)
-    result = dict(file=str(path), one_best=" ".join(t.strip() for t in one_best).strip(), nbest=[], corrected=None)
-    if wl is None and not args.verbose:
-        return result
-    corrected = []
+    one_best, nbest, corrected = [], [], []
     form = getattr(wl, "hypothesis_form", "logprob")  # the n-best text form the adapter was trained on
-    for i in range(len(pieces)):
-        drawn = wm.sample_candidates(hyp_model, hyp_tok, feats[i:i + 1], n_samples=args.samples, seed=args.seed)
-        hyps, logprobs, _ = select_hypotheses(drawn["samples"], None, form, keep=args.nbest)
-        result["nbest"].append([dict(text=t, logprob=lp) for t, lp in zip(hyps, logprobs)])
-        if wl is not None:
-            if not hyps:  # Whisper wrote nothing but empty samples (silence): nothing to correct
-                corrected.append(one_best[i])
-                continue
-            frames = math.ceil(len(pieces[i]) / 320)  # 50 encoder frames per second of 16 kHz audio
-            corrected.append(correct(wl, tokenizer, hyps, wl_feats[i], args.max_new_tokens, audio_frames=frames))
+    for b in range(0, len(pieces), WINDOW_BATCH):
+        batch = pieces[b:b + WINDOW_BATCH]
+        mels = torch.stack([wm.log_mel_spectrogram(w, hyp_model.dims.n_mels) for w in batch])
+        with torch.inference_mode():
+            feats = hyp_model.embed_audio(mels)  # the encoder runs once for all windows of the batch
+            one_best += wm.decode_greedy(hyp_model, hyp_tok, feats)
+            if wl is None or feat_model is hyp_model:
+                wl_feats = feats
+            else:  # another encoder; the same log-mel input unless it wants another number of mel bins
+                n_mels = feat_model.dims.n_mels
+                wl_mels = mels if n_mels == hyp_model.dims.n_mels else \
+                    torch.stack([wm.log_mel_spectrogram(w, n_mels) for w in batch])
+                wl_feats = feat_model.embed_audio(wl_mels)
+        if wl is None and not args.verbose:
+            continue
+        for i, piece in enumerate(batch):
+            drawn = wm.sample_candidates(hyp_model, hyp_tok, feats[i:i + 1], n_samples=args.samples, seed=args.seed)
+            hyps, logprobs, _ = select_hypotheses(drawn["samples"], None, form, keep=args.nbest)
+            nbest.append([dict(text=t, logprob=lp) for t, lp in zip(hyps, logprobs)])
+            if wl is not None:
+                if not hyps:  # Whisper wrote nothing but empty samples (silence): nothing to correct
+                    corrected.append(one_best[b + i])
+                    continue
+                frames = math.ceil(len(piece) / 320)  # 50 encoder frames per second of 16 kHz audio
+                corrected.append(correct(wl, tokenizer, hyps, wl_feats[i], args.max_new_tokens, audio_frames=frames))
+    result = dict(file=str(path), one_best=" ".join(t.strip() for t in one_best).strip(), nbest=nbest,
+                  corrected=None)
     if wl is not None:
         result["corrected"] = " ".join(c for c in corrected if c).strip()
     return result
@@ -331,50 +349,99 @@ def add_adapter_flags(parser):
                        f"{k}: {v}" for k, v in HYPOTHESIS_FORMS.items()))
 
 
-def run_audio(args) -> list:
-    """--audio: Whisper n-best → Whispering-LLaMA correction, for every file."""
-    import json
+def read_results(path: Path) -> list:
+    """The records of a --out file. A line cut short (the process was killed inside a write) is dropped, and so
+    are earlier failures (they are tried again); the file is rewritten atomically without them."""
+    if not path.exists():
+        return []
+    raw = path.read_bytes()
+    records = []
+    for line in raw.split(b"\n"):
+        try:
+            records.append(json.loads(line))
+        except ValueError:  # empty, or torn by a kill
+            continue
+    records = [r for r in records if isinstance(r, dict) and "file" in r and "error" not in r]
+    text = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records).encode()
+    if text != raw:
+        tmp = path.with_name(f".{path.name}.tmp")
+        tmp.write_bytes(text)
+        os.replace(tmp, path)
+    return records
 
+
+def write_line(stream, record: dict):
+    """One JSON line in one write, then flushed: an interrupted run leaves whole lines only."""
+    stream.write(json.dumps(record, ensure_ascii=False) + "\n")
+    stream.flush()
+
+
+def run_audio(args) -> int:
+    """--audio: Whisper n-best → Whispering-LLaMA correction, for every file. A file that fails gets a one-line
+    error (and an error record with --json / --out) and the others still run. Returns how many failed."""
     import whisper_model as wm
     from adapter import read_adapter_meta
-
-    files = audio_inputs(args.audio)
-    adapter = args.adapter or find_latest_adapter()
-    meta = read_adapter_meta(adapter) if adapter and Path(adapter).suffix == ".safetensors" else {}
-    hyp_model, hyp_tok = wm.load_whisper(args.whisper, device=args.device)
-    feature_name = args.feature_whisper or meta.get("whisper") or args.whisper
-    feat_model = hyp_model if feature_name == args.whisper else wm.load_whisper(feature_name, device=args.device)[0]
-    wl = tokenizer = None
-    if adapter is None:
-        print("notice: no trained adapter found (train one with train.py, or pass --adapter); "
-              "printing the Whisper 1-best, not a correction", file=sys.stderr)
-    else:
-        wl, tokenizer = load_wl(adapter, llm=args.llm, whisper=feat_model, device=args.device,
-                                **adapter_requests(args))
-    results = []
     from tqdm import tqdm
 
-    for path in tqdm(files, desc="correcting", unit="file", disable=len(files) < 2 or args.json):
-        try:
-            r = transcribe_and_correct(path, hyp_model, hyp_tok, feat_model, wl, tokenizer, args)
-        except wm.AudioError as e:
-            msg = str(e)
-            raise GenerateError(msg if str(path) in msg else f"{path}: {msg}") from None
-        results.append(r)
-        text = r["corrected"] if r["corrected"] is not None else r["one_best"]
+    files, failures = audio_inputs(args.audio)
+    out = args.out
+    done = {r["file"] for r in read_results(out)} if out is not None else set()
+    todo = [f for f in files if str(f) not in done]
+    if done and len(todo) < len(files):
+        print(f"{out}: resuming, {len(files) - len(todo)} of {len(files)} files already done", file=sys.stderr)
+    sink = open(out, "a", encoding="utf-8") if out is not None else None
+
+    def fail(name, problem, bar=None):
+        (bar or tqdm).write(f"error: {name}: {problem}", file=sys.stderr)
+        record = {"file": str(name), "error": problem}
         if args.json:
-            print(json.dumps(r, ensure_ascii=False))
-            continue
-        if args.verbose:
-            print(f"== {path}")
-            for window in r["nbest"]:
-                for h in window:
-                    print(f"  {h['logprob']:9.3f}  {h['text']}")
-            print(f"1-best:    {r['one_best']}")
-            print(f"corrected: {text}")
+            write_line(sys.stdout, record)
+        if sink is not None:
+            write_line(sink, record)
+
+    try:
+        for name, problem in failures:
+            fail(name, problem)
+        if not todo:
+            return len(failures)
+        adapter = args.adapter or find_latest_adapter()
+        meta = read_adapter_meta(adapter) if adapter and Path(adapter).suffix == ".safetensors" else {}
+        hyp_model, hyp_tok = wm.load_whisper(args.whisper, device=args.device)
+        feature_name = args.feature_whisper or meta.get("whisper") or args.whisper
+        feat_model = hyp_model if feature_name == args.whisper else wm.load_whisper(feature_name,
+                                                                                   device=args.device)[0]
+        wl = tokenizer = None
+        if adapter is None:
+            print("notice: no trained adapter found (train one with train.py, or pass --adapter); "
+                  "printing the Whisper 1-best, not a correction", file=sys.stderr)
         else:
-            print(f"{path}\t{text}" if len(files) > 1 else text)
-    return results
+            wl, tokenizer = load_wl(adapter, llm=args.llm, whisper=feat_model, device=args.device,
+                                    **adapter_requests(args))
+        n_failed = len(failures)
+        with tqdm(todo, desc="correcting", unit="file", disable=len(todo) < 2) as bar:
+            for path in bar:
+                try:
+                    r = transcribe_and_correct(path, hyp_model, hyp_tok, feat_model, wl, tokenizer, args)
+                except (wm.AudioError, GenerateError) as e:  # this file only: report it, go on with the next
+                    msg = str(e)
+                    fail(path, msg.removeprefix(f"{path}: "), bar)
+                    n_failed += 1
+                    continue
+                if sink is not None:
+                    write_line(sink, r)
+                text = r["corrected"] if r["corrected"] is not None else r["one_best"]
+                if args.json:
+                    write_line(sys.stdout, r)
+                elif args.verbose:
+                    lines = [f"== {path}"] + [f"  {h['logprob']:9.3f}  {h['text']}" for w in r["nbest"] for h in w]
+                    bar.write("\n".join(lines + [f"1-best:    {r['one_best']}", f"corrected: {text}"]),
+                              file=sys.stdout)
+                else:
+                    bar.write(f"{path}\t{text}" if len(files) + len(failures) > 1 else text, file=sys.stdout)
+        return n_failed
+    finally:
+        if sink is not None:
+            sink.close()
 
 
 def run_text(args) -> str:
@@ -415,7 +482,12 @@ def main(argv=None):
     parser.add_argument("--nbest", type=int, default=15, help="hypotheses in the prompt (paper: 15)")
     parser.add_argument("--samples", type=int, default=200, help="Whisper samples drawn for the n-best (paper: 200)")
     parser.add_argument("--verbose", action="store_true", help="also print the n-best and the 1-best")
-    parser.add_argument("--json", action="store_true", help="one JSON object per file")
+    parser.add_argument("--json", action="store_true",
+                        help="one JSON object per file; a file that fails gives {\"file\": ..., \"error\": ...}")
+    parser.add_argument("--out", type=Path, default=None,
+                        help="with --audio: also append each file's JSON object to this file as soon as it is done; "
+                             "a rerun with the same --out skips the files already there and retries the failed "
+                             "ones (resume after an interruption; use a new file for other settings)")
     add_adapter_flags(parser)
     parser.add_argument("--checkpoint-dir", type=Path, default=None,
                         help="converted LLM checkpoint folder (default: the embedded SmolLM2-135M-Instruct)")
@@ -440,15 +512,29 @@ def main(argv=None):
         parser.error("--top-k must be at least 1")
     if (args.audio is None) == (args.prompt is None):
         parser.error("give --audio (correct a transcript) or --prompt (plain LLM), not both or neither")
+    if args.out is not None and args.audio is None:
+        parser.error("--out goes with --audio")
     torch.manual_seed(args.seed)
     try:
         if args.audio is not None:
-            run_audio(args)
+            failed = run_audio(args)
+            if failed:
+                sys.exit(1)  # each failure has had its own line
         else:
             print(run_text(args))
     except (GenerateError, convert_checkpoint.ConversionError, FileNotFoundError, ValueError, OSError) as e:
-        print(f"error: {e}", file=sys.stderr)
+        print(f"error: {one_line(e)}", file=sys.stderr)
         sys.exit(1)
+    except KeyboardInterrupt:
+        resume = f"; rerun with --out {args.out} to continue" if args.out is not None else ""
+        print(f"interrupted{resume}", file=sys.stderr)
+        sys.exit(130)
+
+
+def one_line(e: Exception) -> str:
+    """An exception as one line for `error: ...` (our messages are one line; a library's may not be)."""
+    text = str(e).strip()
+    return text.splitlines()[0] if text else type(e).__name__
 
 
 if __name__ == "__main__":

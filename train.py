@@ -794,12 +794,18 @@ def resolve_run(argv):
 
 
 def main(argv=None):
+    run = None
     try:
         run = resolve_run(argv)
         train(run)
     except TrainError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(1)
+    except KeyboardInterrupt:  # every checkpoint file is written to a temp file and renamed: none is half-written
+        resume = f": python train.py --out {run.out} --resume continues from its last checkpoint" \
+            if run is not None and (Path(run.out) / "state.ckpt").exists() else ""
+        print(f"interrupted{resume}", file=sys.stderr)
+        sys.exit(130)
 
 
 def train(run):
