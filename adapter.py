@@ -589,9 +589,9 @@ def read_adapter_file(path):
         what = type(state).__name__ if not isinstance(state, dict) else "a dict of other things than tensors"
         raise ValueError(f"{path}: a PyTorch file holding {what}, not a state dict of tensors; {EXPECTED_ADAPTER}")
     if not any(".attn.adapter_" in k or ".attn.projection_" in k or ".attn.gating_factor" in k for k in state):
-        first = next(iter(state), None)
-        raise ValueError(f"{path}: {len(state)} tensors (first: {first!r}) and no adapter tensors among them; "
-                         f"{EXPECTED_ADAPTER}")
+        first = min(state, default=None)  # by name: the same whatever order the file keeps
+        raise ValueError(f"{path}: {len(state)} tensor{'s' if len(state) != 1 else ''} (first: {first!r}) and no "
+                         f"adapter tensors among them; {EXPECTED_ADAPTER}")
     try:
         if is_reference_state(state):
             state = from_reference_names(state)

@@ -34,7 +34,7 @@ import torch
 from tqdm import tqdm
 
 from generate import add_adapter_flags, adapter_requests
-from prepare_data import PreparedDataset, normalize_text
+from prepare_data import InputError, PreparedDataset, normalize_text
 
 ROOT = Path(__file__).resolve().parent
 NORMALISATIONS = ("raw", "light", "whisper")
@@ -314,7 +314,8 @@ def run_adapter(adapter, ds: PreparedDataset, llm=None, whisper=None, device="cp
     try:
         model, tokenizer = load_wl(adapter, llm=llm, whisper=whisper, device=device, **(requested or {}))
     except (GenerateError, ConversionError, OSError, ValueError) as e:
-        raise EvalError(f"cannot load {adapter}: {str(e).splitlines()[0] if str(e) else type(e).__name__}") from None
+        message = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise EvalError(message if str(adapter) in message else f"{adapter}: cannot load it: {message}") from None
     data_form = ds.meta.get("hypotheses", "logprob")
     if model.hypothesis_form != data_form:
         raise EvalError(f"{adapter} was trained on '{model.hypothesis_form}' n-best lists but {ds.root} holds "
@@ -440,7 +441,7 @@ def main(argv=None):
             raise EvalError("--max-new-tokens must be at least 1")
         result = evaluate(args.data, args.split, args.adapter, args.limit, args.out, args.llm, args.whisper,
                           args.device, args.max_new_tokens, args.select, requested=adapter_requests(args))
-    except (EvalError, OSError, ValueError) as e:
+    except (EvalError, InputError, OSError, ValueError) as e:
         message = str(e).splitlines()[0] if str(e) else type(e).__name__
         print(f"error: {message}", file=sys.stderr)
         sys.exit(1)

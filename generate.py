@@ -252,28 +252,25 @@ def correct(model, tokenizer, hypotheses, audio_features, max_new_tokens: int = 
     return response_text(tokenizer.decode(ids[len(prompt_ids):]))
 
 
-def audio_inputs(paths) -> tuple:
-    """--audio arguments → (audio files, failures): files as given, folders searched for audio, manifests read.
-    failures: (argument, problem) for each argument that gives no file; the others still run."""
+def audio_inputs(paths) -> list:
+    """--audio arguments → what to transcribe, in order: files as given, folders searched for audio, manifests
+    read. An argument that gives no file becomes (argument, problem) in its place: it is reported when its turn
+    comes, and the others still run."""
     from prepare_data import AUDIO_EXTENSIONS, InputError, read_manifest
 
-    files, failures = [], []
+    items = []
     for p in map(Path, paths):
         if p.is_dir():
             found = sorted(f for f in p.rglob("*") if f.suffix.lower() in AUDIO_EXTENSIONS and f.is_file())
-            if not found:
-                failures.append((p, f"no audio files ({' '.join(AUDIO_EXTENSIONS)}) in this folder"))
-            files += found
-        elif not p.exists():
-            failures.append((p, "no such file"))
-        elif p.suffix.lower() in (".jsonl", ".json", ".csv", ".tsv"):
+            items += found or [(p, f"no audio files ({', '.join(AUDIO_EXTENSIONS)}) found")]
+        elif p.suffix.lower() in (".jsonl", ".json", ".csv", ".tsv") and p.is_file():
             try:
-                files += [Path(u.audio) for u in read_manifest(p)]
+                items += [Path(u.audio) for u in read_manifest(p)]
             except InputError as e:  # its message starts with the manifest's path
-                failures.append((p, str(e).removeprefix(f"{p}: ")))
+                items.append((p, str(e).removeprefix(f"{p}: ")))
         else:
-            files.append(p)
-    return files, failures
+            items.append(p)  # a missing file is reported by load_audio, in its turn
+    return items
 
 
 def windows(audio, seconds: int = 30, sample_rate: int = 16000) -> list:
@@ -383,16 +380,16 @@ def run_audio(args) -> int:
     from adapter import read_adapter_meta
     from tqdm import tqdm
 
-    files, failures = audio_inputs(args.audio)
+    items = audio_inputs(args.audio)
     out = args.out
     done = {r["file"] for r in read_results(out)} if out is not None else set()
-    todo = [f for f in files if str(f) not in done]
-    if done and len(todo) < len(files):
-        print(f"{out}: resuming, {len(files) - len(todo)} of {len(files)} files already done", file=sys.stderr)
+    todo = [i for i in items if isinstance(i, tuple) or str(i) not in done]
+    if done and len(todo) < len(items):
+        print(f"{out}: resuming, {len(items) - len(todo)} of {len(items)} files already done", file=sys.stderr)
     sink = open(out, "a", encoding="utf-8") if out is not None else None
 
-    def fail(name, problem, bar=None):
-        (bar or tqdm).write(f"error: {name}: {problem}", file=sys.stderr)
+    def fail(name, problem):
+        tqdm.write(f"error: {name}: {problem}", file=sys.stderr)
         record = {"file": str(name), "error": problem}
         if args.json:
             write_line(sys.stdout, record)
@@ -400,44 +397,43 @@ def run_audio(args) -> int:
             write_line(sink, record)
 
     try:
-        for name, problem in failures:
-            fail(name, problem)
-        if not todo:
-            return len(failures)
-        adapter = args.adapter or find_latest_adapter()
-        meta = read_adapter_meta(adapter) if adapter and Path(adapter).suffix == ".safetensors" else {}
-        hyp_model, hyp_tok = wm.load_whisper(args.whisper, device=args.device)
-        feature_name = args.feature_whisper or meta.get("whisper") or args.whisper
-        feat_model = hyp_model if feature_name == args.whisper else wm.load_whisper(feature_name,
-                                                                                   device=args.device)[0]
-        wl = tokenizer = None
-        if adapter is None:
-            print("notice: no trained adapter found (train one with train.py, or pass --adapter); "
-                  "printing the Whisper 1-best, not a correction", file=sys.stderr)
-        else:
-            wl, tokenizer = load_wl(adapter, llm=args.llm, whisper=feat_model, device=args.device,
-                                    **adapter_requests(args))
-        n_failed = len(failures)
-        with tqdm(todo, desc="correcting", unit="file", disable=len(todo) < 2) as bar:
-            for path in bar:
-                try:
-                    r = transcribe_and_correct(path, hyp_model, hyp_tok, feat_model, wl, tokenizer, args)
-                except (wm.AudioError, GenerateError) as e:  # this file only: report it, go on with the next
-                    msg = str(e)
-                    fail(path, msg.removeprefix(f"{path}: "), bar)
-                    n_failed += 1
-                    continue
-                if sink is not None:
-                    write_line(sink, r)
-                text = r["corrected"] if r["corrected"] is not None else r["one_best"]
-                if args.json:
-                    write_line(sys.stdout, r)
-                elif args.verbose:
-                    lines = [f"== {path}"] + [f"  {h['logprob']:9.3f}  {h['text']}" for w in r["nbest"] for h in w]
-                    bar.write("\n".join(lines + [f"1-best:    {r['one_best']}", f"corrected: {text}"]),
-                              file=sys.stdout)
-                else:
-                    bar.write(f"{path}\t{text}" if len(files) + len(failures) > 1 else text, file=sys.stdout)
+        wl = tokenizer = hyp_model = None
+        if any(not isinstance(i, tuple) for i in todo):  # models only when there is audio to read
+            adapter = args.adapter or find_latest_adapter()
+            meta = read_adapter_meta(adapter) if adapter and Path(adapter).suffix == ".safetensors" else {}
+            hyp_model, hyp_tok = wm.load_whisper(args.whisper, device=args.device)
+            feature_name = args.feature_whisper or meta.get("whisper") or args.whisper
+            feat_model = hyp_model if feature_name == args.whisper else wm.load_whisper(feature_name,
+                                                                                       device=args.device)[0]
+            if adapter is None:
+                print("notice: no trained adapter found (train one with train.py, or pass --adapter); "
+                      "printing the Whisper 1-best, not a correction", file=sys.stderr)
+            else:
+                wl, tokenizer = load_wl(adapter, llm=args.llm, whisper=feat_model, device=args.device,
+                                        **adapter_requests(args))
+        n_failed = 0
+        for item in tqdm(todo, desc="correcting", unit="file", disable=len(todo) < 2):
+            if isinstance(item, tuple):  # a folder without audio, a manifest that cannot be read
+                fail(*item)
+                n_failed += 1
+                continue
+            path = item
+            try:
+                r = transcribe_and_correct(path, hyp_model, hyp_tok, feat_model, wl, tokenizer, args)
+            except (wm.AudioError, GenerateError) as e:  # this file only: report it, go on with the next
+                fail(path, str(e).removeprefix(f"{path}: "))
+                n_failed += 1
+                continue
+            if sink is not None:
+                write_line(sink, r)
+            text = r["corrected"] if r["corrected"] is not None else r["one_best"]
+            if args.json:
+                write_line(sys.stdout, r)
+            elif args.verbose:
+                lines = [f"== {path}"] + [f"  {h['logprob']:9.3f}  {h['text']}" for w in r["nbest"] for h in w]
+                tqdm.write("\n".join(lines + [f"1-best:    {r['one_best']}", f"corrected: {text}"]), file=sys.stdout)
+            else:
+                tqdm.write(f"{path}\t{text}" if len(items) > 1 else text, file=sys.stdout)
         return n_failed
     finally:
         if sink is not None:

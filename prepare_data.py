@@ -863,7 +863,13 @@ class PreparedDataset(torch.utils.data.Dataset):
 
     def _shard(self, n):
         if n not in self._shards:
-            self._shards[n] = np.load(self.root / self.split / "features" / f"{n:06d}.npy", mmap_mode="r")
+            path = self.root / self.split / "features" / f"{n:06d}.npy"
+            try:
+                self._shards[n] = np.load(path, mmap_mode="r")
+            except (OSError, ValueError) as e:  # deleted, or cut short by a copy (mmap length > file size)
+                reason = e.strerror if isinstance(e, OSError) and e.strerror else str(e).splitlines()[0]
+                raise InputError(f"{path}: unreadable feature shard ({reason}); delete it and prepare the folder "
+                                 "again (python prepare_data.py redoes what is missing)") from None
         return self._shards[n]
 
     def __getitem__(self, i):

@@ -43,7 +43,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from prepare_data import IGNORE_INDEX, PreparedDataset, collate
+from prepare_data import IGNORE_INDEX, InputError, PreparedDataset, collate
 
 ROOT = Path(__file__).resolve().parent
 
@@ -798,7 +798,7 @@ def main(argv=None):
     try:
         run = resolve_run(argv)
         train(run)
-    except TrainError as e:
+    except (TrainError, InputError) as e:  # InputError: a damaged prepared folder, found while reading it
         print(f"error: {e}", file=sys.stderr)
         sys.exit(1)
     except KeyboardInterrupt:  # every checkpoint file is written to a temp file and renamed: none is half-written
