@@ -3,6 +3,7 @@
     python generate.py --audio x.wav                      # Whisper n-best + audio features → corrected transcript
     python generate.py --audio x.wav --verbose            # ... also the n-best list and the Whisper 1-best
     python generate.py --audio clips/ --json              # a folder (or several files, or a manifest)
+    python generate.py --audio clips/ --out r.jsonl       # ... also appended to r.jsonl; a rerun resumes
     python generate.py --prompt "The capital of France is"            # plain continuation, greedy
     python generate.py --prompt "What is 2+2?" --chat                  # wrapped in the model's chat template
     python generate.py --prompt "Once upon a time" --temperature 0.8 --top-k 50 --seed 1
@@ -10,7 +11,9 @@
 With --audio: the hypothesis model (--whisper, default the embedded tiny.en) samples the paper's n-best list
 (200 samples, 15 kept), the feature model's encoder gives the audio features, and the adapter (default: the
 best checkpoint of the latest training run under out/) decodes greedily; the corrected transcript is the
-response up to its first newline. Audio longer than 30 s is corrected in 30 s windows, joined. With no trained
+response up to its first newline. Audio longer than 30 s is corrected in 30 s windows, joined. A file that
+cannot be read gets one `error:` line (an error record with --json) and the others still run; the exit status is
+1 if any failed. With no trained
 adapter the Whisper 1-best is printed with a one-line notice: an untrained fusion (gate_W = 1) would only
 garble it.
 With --prompt and no --checkpoint-dir the embedded SmolLM2-135M-Instruct is used (converted on first use).
