@@ -13,9 +13,8 @@ With --audio: the hypothesis model (--whisper, default the embedded tiny.en) sam
 best checkpoint of the latest training run under out/) decodes greedily; the corrected transcript is the
 response up to its first newline. Audio longer than 30 s is corrected in 30 s windows, joined. A file that
 cannot be read gets one `error:` line (an error record with --json) and the others still run; the exit status is
-1 if any failed. With no trained
-adapter the Whisper 1-best is printed with a one-line notice: an untrained fusion (gate_W = 1) would only
-garble it.
+1 if any failed. With no trained adapter the Whisper 1-best is printed with a one-line notice: an untrained
+fusion (gate_W = 1) would only garble it.
 With --prompt and no --checkpoint-dir the embedded SmolLM2-135M-Instruct is used (converted on first use).
 
 Decoding (`generate`) uses the KV cache: the prompt is run once in a single forward pass that fills the
