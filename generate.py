@@ -349,18 +349,25 @@ def add_adapter_flags(parser):
 
 
 def read_results(path: Path) -> list:
-    """The records of a --out file. A line cut short (the process was killed inside a write) is dropped, and so
-    are earlier failures (they are tried again); the file is rewritten atomically without them."""
+    """The records of a --out file. A last line cut short (the process was killed inside a write) is dropped, and
+    so are earlier failures (they are tried again); the file is rewritten atomically without them. A file with
+    any other line that is not a record is not ours: it is refused, never rewritten."""
     if not path.exists():
         return []
+    if path.is_dir():
+        raise GenerateError(f"{path}: a folder; --out takes a .jsonl file")
     raw = path.read_bytes()
+    lines = raw.split(b"\n")
     records = []
-    for line in raw.split(b"\n"):
+    for n, line in enumerate(lines[:-1], 1):  # lines[-1]: what follows the last newline (b"" or a torn line)
         try:
-            records.append(json.loads(line))
-        except ValueError:  # empty, or torn by a kill
-            continue
-    records = [r for r in records if isinstance(r, dict) and "file" in r and "error" not in r]
+            record = json.loads(line)
+        except ValueError:
+            record = None
+        if not isinstance(record, dict) or "file" not in record:
+            raise GenerateError(f"{path}: line {n} is not a result of generate.py; give --out a new file")
+        records.append(record)
+    records = [r for r in records if "error" not in r]
     text = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records).encode()
     if text != raw:
         tmp = path.with_name(f".{path.name}.tmp")
@@ -399,7 +406,7 @@ def run_audio(args) -> int:
             write_line(sink, record)
 
     try:
-        wl = tokenizer = hyp_model = None
+        wl = tokenizer = hyp_model = hyp_tok = feat_model = None
         if any(not isinstance(i, tuple) for i in todo):  # models only when there is audio to read
             adapter = args.adapter or find_latest_adapter()
             meta = read_adapter_meta(adapter) if adapter and Path(adapter).suffix == ".safetensors" else {}

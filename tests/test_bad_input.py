@@ -750,6 +750,18 @@ def test_generate_on_a_folder_resumes_with_out(tiny, tmp_path, capsys, monkeypat
     assert sorted(json_lines(out.read_text()), key=str) == sorted(whole, key=str)
 
 
+def test_generate_out_refuses_a_file_that_is_not_its_own(tiny, tmp_path, capsys):
+    """--out pointed at some other file by mistake: refused, and the file left as it was."""
+    notes = tmp_path / "notes.txt"
+    notes.write_text("shopping list\neggs\n")
+    before = files(tmp_path)
+    code, out, errors, _ = run(generate.main, ["--audio", str(tiny.good), "--out", str(notes), *generate_args(tiny)],
+                               capsys)
+    assert code == 1 and out == ""
+    assert errors == [f"error: {notes}: line 1 is not a result of generate.py; give --out a new file"]
+    assert files(tmp_path) == before
+
+
 def test_evaluate_interrupted_resumes_the_same_table(tiny, tmp_path, capsys, monkeypatch):
     data = prepared_data(tiny, tmp_path / "data")
     argv = ["--data", str(data), "--adapter", str(tiny.adapters["M"]), "--llm", str(tiny.llm), "--whisper",
