@@ -374,7 +374,10 @@ def build_model(llm_dir, whisper=None, device="cpu", **overrides) -> WhisperingL
     from convert_checkpoint import read_safetensors
 
     llm_dir = Path(llm_dir)
-    llm_config = Config.from_dict(json.loads((llm_dir / "config.json").read_text()))
+    try:
+        llm_config = Config.from_dict(json.loads((llm_dir / "config.json").read_text()))
+    except (TypeError, ValueError, AssertionError) as e:  # not JSON, unknown fields, inconsistent sizes
+        raise ValueError(f"{llm_dir / 'config.json'}: not an LLM config ({e})") from None
     dims = whisper.dims if whisper is not None else None
     if dims is None:
         overrides.setdefault("use_whisper", False)

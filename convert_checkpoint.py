@@ -409,12 +409,9 @@ def describe_file(path) -> str:
         if size < 8 + n + end:
             return f"a safetensors file cut short ({size} of {8 + n + end} bytes)"
         return f"a safetensors file ({size} bytes)"
-    try:
-        text = head.decode("utf-8") if len(head) < 4096 else head[:4000].decode("utf-8", errors="strict")
-        if "\x00" not in text:
-            return f"a text file ({size} bytes)"
-    except UnicodeDecodeError:
-        pass
+    text = head.decode("utf-8", errors="replace")
+    if "\x00" not in text and "\ufffd" not in text[:-3]:  # the read may cut the last character in two
+        return f"a text file ({size} bytes)"
     return f"binary data of no format known here ({size} bytes)"
 
 

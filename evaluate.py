@@ -34,7 +34,7 @@ import torch
 from tqdm import tqdm
 
 from generate import add_adapter_flags, adapter_requests
-from prepare_data import InputError, PreparedDataset, normalize_text
+from prepare_data import InputError, PreparedDataset, normalize_text, utterance_seed
 
 ROOT = Path(__file__).resolve().parent
 NORMALISATIONS = ("raw", "light", "whisper")
@@ -322,17 +322,19 @@ def run_adapter(adapter, ds: PreparedDataset, llm=None, whisper=None, device="cp
                         f"'{data_form}' ones: re-derive them with python prepare_data.py --out {ds.root} "
                         f"--hypotheses {model.hypothesis_form}")
     c = model.config
-    torch.manual_seed(0)  # the random-audio ablation draws noise: the same numbers on every run
     done = read_cache(cache)
     sink = None  # opened with the first new output: a run that fails at once leaves no file behind
     outputs = []
     try:
         with tqdm(total=len(ds), desc=f"correcting ({adapter.name})", unit="utt", disable=not progress) as bar:
-            for i, e in enumerate(ds.entries):
-                if e["id"] in done:  # decoded by an interrupted earlier run of the same command
-                    outputs.append(done[e["id"]])
+            for i, entry in enumerate(ds.entries):
+                if entry["id"] in done:  # decoded by an interrupted earlier run of the same command
+                    outputs.append(done[entry["id"]])
                     bar.update(1)
                     continue
+                # the random-audio ablation draws noise: the same numbers for an utterance on every run, resumed
+                # or not
+                torch.manual_seed(utterance_seed(0, entry["id"]))
                 item = ds[i]
                 features = item["audio_features"]  # (F, W) float16
                 if c.use_whisper and features.shape[-1] != c.whisper_width:

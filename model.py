@@ -359,7 +359,7 @@ class LLaMA(nn.Module):
                 raise FileNotFoundError(f"{p} not found; convert a checkpoint with convert_checkpoint.py")
         try:
             config = Config.from_dict(json.loads(config_path.read_text()))
-        except (TypeError, ValueError) as e:
+        except (TypeError, ValueError, AssertionError) as e:  # not JSON, unknown fields, inconsistent sizes
             raise ValueError(f"{config_path}: not an LLM config ({e})") from None
         with torch.device("meta"):
             model = cls(config, **model_kwargs)
