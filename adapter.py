@@ -524,7 +524,8 @@ def read_adapter_meta(path) -> dict:
     except Exception:  # SafetensorError: cut short, another format, empty
         from convert_checkpoint import describe_file
 
-        raise ValueError(f"{path}: {describe_file(path)}, not a complete safetensors file; {EXPECTED_ADAPTER}") from None
+        kind = describe_file(path)
+        raise ValueError(f"{path}: {kind}, not a complete safetensors file; {EXPECTED_ADAPTER}") from None
     if meta.get("format") != "whispering-llama-adapter":
         return {}
     try:
