@@ -397,17 +397,24 @@ def build_model(llm_dir, whisper=None, device="cpu", **overrides) -> WhisperingL
     """A WhisperingLLaMA from a converted LLM checkpoint folder and a Whisper model (whisper_model.Whisper)
     whose cross-attention projections are copied. The adapters get the paper's initialisation
     (or the ablation's)."""
-    from safetensors.torch import load_file
+    from convert_checkpoint import read_safetensors
 
     llm_dir = Path(llm_dir)
-    llm_config = Config.from_dict(json.loads((llm_dir / "config.json").read_text()))
+    try:
+        llm_config = Config.from_dict(json.loads((llm_dir / "config.json").read_text()))
+    except (TypeError, ValueError, AssertionError) as e:  # not JSON, unknown fields, inconsistent sizes
+        raise ValueError(f"{llm_dir / 'config.json'}: not an LLM config ({e})") from None
     dims = whisper.dims if whisper is not None else None
     if dims is None:
         overrides.setdefault("use_whisper", False)
     config = wl_config(llm_config, dims, **overrides)
     with torch.device("meta"):
         model = WhisperingLLaMA(config)
-    missing = load_weights(model, load_file(str(llm_dir / "model.safetensors"), device=str(device)))
+    weights = llm_dir / "model.safetensors"
+    try:
+        missing = load_weights(model, read_safetensors(weights, device=device))
+    except ValueError as e:  # a damaged file, a tensor of another shape: name the file
+        raise ValueError(str(e) if str(weights) in str(e) else f"{weights}: {e}") from None
     # Everything the LLM file lacks must be adapter state (built now) or Whisper's (copied below).
     unexpected = [n for n in missing if "adapter_" not in n and "whisper_" not in n]
     if unexpected:
@@ -454,12 +461,13 @@ def load_adapter_state(model: nn.Module, state: dict) -> None:
     extra = sorted(set(state) - set(own))
     if missing or extra:
         what = f"missing {missing[0]!r}" if missing else f"unexpected {extra[0]!r}"
-        raise ValueError(f"adapter checkpoint does not match the model ({what}): check variant and start layer")
+        raise ValueError(f"adapter checkpoint does not match the model ({what}): check variant, start layer and "
+                         "the LLM's depth")
     with torch.no_grad():
         for name, p in own.items():
             if tuple(state[name].shape) != tuple(p.shape):
-                raise ValueError(f"adapter tensor {name!r} has shape {tuple(state[name].shape)}, "
-                                 f"the model expects {tuple(p.shape)}: check variant and model sizes")
+                raise ValueError(f"adapter tensor {name!r} has shape {tuple(state[name].shape)}, the model expects "
+                                 f"{tuple(p.shape)}: an adapter for another LLM or Whisper size, or another variant")
             p.copy_(state[name].to(p.dtype))
 
 
@@ -523,16 +531,33 @@ def save_adapter(model: WhisperingLLaMA, path, llm=None, whisper=None, extra=Non
     return path
 
 
+# What an adapter file should be, for the end of an error message about one that is not.
+EXPECTED_ADAPTER = "expected an adapter checkpoint (a .safetensors saved by train.py, or the reference code's .pth)"
+
+
 def read_adapter_meta(path) -> dict:
     """{"config": adapter fields, "llm": ..., "whisper": ..., ...} from an adapter file saved by save_adapter
-    (empty dict for a file without that metadata)."""
+    (empty dict for a file without that metadata). A file that is not a complete safetensors file is a one-line
+    ValueError saying what it is."""
     from safetensors import safe_open
 
-    with safe_open(str(path), framework="pt") as f:
-        meta = dict(f.metadata() or {})
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"adapter checkpoint {path} not found")
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            meta = dict(f.metadata() or {})
+    except Exception:  # SafetensorError: cut short, another format, empty
+        from convert_checkpoint import describe_file
+
+        kind = describe_file(path)
+        raise ValueError(f"{path}: {kind}, not a complete safetensors file; {EXPECTED_ADAPTER}") from None
     if meta.get("format") != "whispering-llama-adapter":
         return {}
-    meta["config"] = json.loads(meta.get("config", "{}"))
+    try:
+        meta["config"] = json.loads(meta.get("config", "{}"))
+    except ValueError:
+        raise ValueError(f"{path}: its metadata's adapter config is not valid JSON; {EXPECTED_ADAPTER}") from None
     return meta
 
 
@@ -574,23 +599,37 @@ def read_adapter_file(path):
     (the n-best text form it was trained on, prepare_data.HYPOTHESIS_FORMS). A reference file determines
     kv_layout="paper" and hypotheses="reference" (its code's head split and prompt form), and its tensors the
     variant, prompt length, start layer and text-only vs WL; a .safetensors without metadata only the latter."""
+    from convert_checkpoint import ConversionError, load_torch_file, read_safetensors
+
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"adapter checkpoint {path} not found")
     settings = {}
-    if path.suffix == ".safetensors":
-        from safetensors.torch import load_file
-
-        state = load_file(str(path))
-        meta = read_adapter_meta(path)
-        if meta:
-            settings.update(meta["config"], hypotheses=meta.get("hypotheses") or "logprob")
-    else:
-        state = torch.load(path, map_location="cpu", weights_only=True)
+    try:
+        if path.suffix == ".safetensors":
+            meta = read_adapter_meta(path)
+            state = read_safetensors(path)
+            if meta:
+                settings.update(meta["config"], hypotheses=meta.get("hypotheses") or "logprob")
+        else:
+            state = load_torch_file(path)  # weights_only: a pickle that would run code is refused, in one line
+    except ConversionError as e:
+        raise ValueError(f"{e}; {EXPECTED_ADAPTER}") from None
+    if not isinstance(state, dict) or not all(torch.is_tensor(v) for v in state.values()):
+        what = type(state).__name__ if not isinstance(state, dict) else "a dict of other things than tensors"
+        raise ValueError(f"{path}: a PyTorch file holding {what}, not a state dict of tensors; {EXPECTED_ADAPTER}")
+    if not any(".attn.adapter_" in k or ".attn.projection_" in k or ".attn.gating_factor" in k for k in state):
+        first = min(state, default=None)  # by name: the same whatever order the file keeps
+        raise ValueError(f"{path}: {len(state)} tensor{'s' if len(state) != 1 else ''} (first: {first!r}) and no "
+                         f"adapter tensors among them; {EXPECTED_ADAPTER}")
+    try:
         if is_reference_state(state):
             state = from_reference_names(state)
             settings.update(kv_layout="paper", hypotheses="reference")
-    for k, v in settings_from_state(state).items():
+        derived = settings_from_state(state)
+    except ValueError as e:
+        raise ValueError(f"{path}: {e}") from None
+    for k, v in derived.items():
         if settings.get(k, v) != v:
             raise ValueError(f"{path}: its metadata says {k}={settings[k]!r} but its tensors say {v!r}")
         settings[k] = v
@@ -615,4 +654,7 @@ def load_adapter_file(model: nn.Module, path) -> None:
     """Load an adapter checkpoint (this project's .safetensors, or the reference code's .pth) into a model
     built with matching settings."""
     state, _ = read_adapter_file(path)
-    load_adapter_state(model, state)
+    try:
+        load_adapter_state(model, state)
+    except ValueError as e:
+        raise ValueError(f"{path}: {e}") from None

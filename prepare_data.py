@@ -608,6 +608,7 @@ class Utterance:
     text: Optional[str]  # the ground truth; None when the input has no transcript for this audio
     split: str
     nbest: Optional[list] = None  # hypotheses given with the input (HyPoradise); None: sample them
+    problem: Optional[str] = None  # why it cannot be used, found while reading the input (it is skipped)
 
 
 AUDIO_EXTENSIONS = (".flac", ".wav", ".mp3", ".ogg", ".opus", ".m4a", ".aac", ".webm")
@@ -634,8 +635,11 @@ def _read_records(path: Path) -> list:
     suffix = path.suffix.lower()
     try:
         text = path.read_text(encoding="utf-8-sig")
-    except (OSError, UnicodeDecodeError) as e:
-        raise InputError(f"cannot read {path}: {e}") from None
+    except UnicodeDecodeError as e:
+        raise InputError(f"{path}: not UTF-8 text (byte 0x{e.object[e.start]:02x} at offset {e.start}); "
+                         "save it as UTF-8") from None
+    except OSError as e:
+        raise InputError(f"{path}: cannot read it ({e.strerror or e})") from None
     try:
         if suffix == ".jsonl":
             records = [json.loads(line) for line in text.splitlines() if line.strip()]
@@ -708,17 +712,25 @@ def read_directory(root, split="train") -> list:
     root = Path(root)
     transcripts = {}  # audio path without extension -> transcript
     for trans in sorted(root.rglob("*.trans.txt")):
-        for line in trans.read_text(encoding="utf-8").splitlines():
+        try:
+            lines = trans.read_text(encoding="utf-8").splitlines()
+        except UnicodeDecodeError as e:
+            raise InputError(f"{trans}: not UTF-8 text (byte 0x{e.object[e.start]:02x} at offset {e.start}); "
+                             "save it as UTF-8") from None
+        for line in lines:
             if line.strip():
                 utt_id, _, text = line.strip().partition(" ")
                 transcripts[str(trans.parent / utt_id)] = text
     out = []
     for audio in sorted(p for p in root.rglob("*") if p.suffix.lower() in AUDIO_EXTENSIONS and p.is_file()):
         stem = str(audio.with_suffix(""))
-        text = transcripts.get(stem)
+        text, problem = transcripts.get(stem), None
         if text is None and audio.with_suffix(".txt").is_file():
-            text = audio.with_suffix(".txt").read_text(encoding="utf-8").strip()
-        out.append(Utterance(audio.stem, str(audio), text, split))
+            try:
+                text = audio.with_suffix(".txt").read_text(encoding="utf-8").strip()
+            except UnicodeDecodeError:  # this utterance only: the others are still prepared
+                problem = "transcript not UTF-8"
+        out.append(Utterance(audio.stem, str(audio), text, split, problem=problem))
     if not out:
         raise InputError(f"{root}: no audio files ({', '.join(AUDIO_EXTENSIONS)}) found")
     return out
@@ -736,6 +748,8 @@ def read_inputs(path, split="train", audio_dir=None) -> list:
     utterances = read_manifest(path, split)
     if not utterances:
         raise InputError(f"{path} lists no utterances")
+    if all(u.text is None for u in utterances):  # a column missing or misnamed, not a few untranscribed files
+        raise InputError(f"{path}: no record has a transcript (one of the fields {', '.join(_TEXT_KEYS)})")
     return utterances
 
 
@@ -849,7 +863,13 @@ class PreparedDataset(torch.utils.data.Dataset):
 
     def _shard(self, n):
         if n not in self._shards:
-            self._shards[n] = np.load(self.root / self.split / "features" / f"{n:06d}.npy", mmap_mode="r")
+            path = self.root / self.split / "features" / f"{n:06d}.npy"
+            try:
+                self._shards[n] = np.load(path, mmap_mode="r")
+            except (OSError, ValueError) as e:  # deleted, or cut short by a copy (mmap length > file size)
+                reason = e.strerror if isinstance(e, OSError) and e.strerror else str(e).splitlines()[0]
+                raise InputError(f"{path}: unreadable feature shard ({reason}); delete it and prepare the folder "
+                                 "again (python prepare_data.py redoes what is missing)") from None
         return self._shards[n]
 
     def __getitem__(self, i):
@@ -953,13 +973,17 @@ def _check_utterance(u: Utterance):
     """(audio float32 16 kHz, None) or (None, reason it is skipped)."""
     from whisper_model import SAMPLE_RATE, AudioError, load_audio
 
+    if u.problem is not None:
+        return None, u.problem
     if u.text is None:
         return None, "no transcript"
     if not u.text.strip():
         return None, "empty transcript"
+    if not Path(u.audio).exists():
+        return None, "audio not found"
     try:
         audio = load_audio(u.audio)
-    except AudioError:
+    except AudioError:  # unreadable, empty, silent, shorter than 0.1 s
         return None, "bad audio"
     if len(audio) > MAX_SECONDS * SAMPLE_RATE:
         return None, "longer than 30 s"
@@ -1220,9 +1244,12 @@ def main(argv=None):
             out = Path(args.out or DATA / Path(args.manifest).name.split(".")[0])
             utterances = read_inputs(args.manifest, args.split, args.audio_dir)
         result = prepare(utterances, out, cfg, limit=args.limit)
-    except (InputError, SynthesisError, PrepareError) as e:
-        print(f"error: {e}", file=sys.stderr)
+    except (InputError, SynthesisError, PrepareError, OSError, ValueError) as e:
+        print(f"error: {str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__}", file=sys.stderr)
         sys.exit(1)
+    except KeyboardInterrupt:  # every committed chunk is on disk; the chunk in progress is redone
+        print("interrupted; rerun the same command to continue where it stopped", file=sys.stderr)
+        sys.exit(130)
     print(f"prepared {out}")
     print(format_summary(result))
 

@@ -43,7 +43,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from prepare_data import IGNORE_INDEX, PreparedDataset, collate
+from prepare_data import IGNORE_INDEX, InputError, PreparedDataset, collate
 
 ROOT = Path(__file__).resolve().parent
 
@@ -835,12 +835,18 @@ def resolve_run(argv):
 
 
 def main(argv=None):
+    run = None
     try:
         run = resolve_run(argv)
         train(run)
-    except TrainError as e:
+    except (TrainError, InputError) as e:  # InputError: a damaged prepared folder, found while reading it
         print(f"error: {e}", file=sys.stderr)
         sys.exit(1)
+    except KeyboardInterrupt:  # every checkpoint file is written to a temp file and renamed: none is half-written
+        resume = f": python train.py --out {run.out} --resume continues from its last checkpoint" \
+            if run is not None and (Path(run.out) / "state.ckpt").exists() else ""
+        print(f"interrupted{resume}", file=sys.stderr)
+        sys.exit(130)
 
 
 def train(run):

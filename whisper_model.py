@@ -25,6 +25,7 @@ import argparse
 import functools
 import json
 import math
+import re
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -48,6 +49,7 @@ CHUNK_LENGTH = 30  # seconds of audio per model input
 N_SAMPLES = CHUNK_LENGTH * SAMPLE_RATE  # 480000
 N_FRAMES = N_SAMPLES // HOP_LENGTH  # 3000 mel frames; the encoder's stride-2 conv halves them
 SILENCE_PEAK = 1e-4  # -80 dBFS: a file whose loudest sample is below this holds no speech
+MIN_SECONDS = 0.1  # shorter than a syllable: nothing to transcribe
 
 
 class AudioError(Exception):
@@ -74,15 +76,22 @@ def load_audio(path, sr: int = SAMPLE_RATE) -> np.ndarray:
         raise AudioError(f"{path}: no such file")
     if path.is_dir():
         raise AudioError(f"{path}: is a directory, not an audio file")
+    if path.stat().st_size == 0:
+        raise AudioError(f"{path}: empty file (0 bytes), not audio")
     try:
         data, file_sr = sf.read(str(path), dtype="float32", always_2d=True)  # (N, channels)
     except Exception as e:  # libsndfile reports unknown formats, truncated headers etc. as several types
         reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        reason = re.sub(r"^Error opening .*?: ", "", reason)  # libsndfile repeats the path; it leads the line
         raise AudioError(f"{path}: not a readable audio file ({reason})") from None
     if data.shape[0] == 0:
         raise AudioError(f"{path}: audio is empty (zero samples)")
     if not np.isfinite(data).all():
         raise AudioError(f"{path}: audio contains NaN or infinite samples")
+    if data.shape[0] < MIN_SECONDS * file_sr:
+        # Whisper still writes something for a click ("you", "Thank you."): a hallucination, not a transcript
+        raise AudioError(f"{path}: audio is {data.shape[0] / file_sr:.3f} s long, too short to transcribe "
+                         f"(at least {MIN_SECONDS} s)")
     audio = resample(data.mean(axis=1), file_sr, sr)
     if np.abs(audio).max() < SILENCE_PEAK:
         raise AudioError(f"{path}: audio is silent (peak below -80 dBFS)")
@@ -459,7 +468,7 @@ class Whisper(nn.Module):
     @classmethod
     def from_checkpoint(cls, checkpoint_dir, device="cpu", dtype=torch.float32) -> "Whisper":
         """Load a folder in this project's format (config.json + model.safetensors)."""
-        from safetensors.torch import load_file
+        from convert_checkpoint import read_safetensors
 
         d = Path(checkpoint_dir)
         for name in ("config.json", "model.safetensors"):
@@ -471,7 +480,7 @@ class Whisper(nn.Module):
             raise ValueError(f"{d / 'config.json'} is not a Whisper config ({e})") from None
         with torch.device("meta"):
             model = cls(dims)
-        state = load_file(str(d / "model.safetensors"))
+        state = read_safetensors(d / "model.safetensors")  # one-line error for a damaged file
         check_state_dict(model, state, where=str(d / "model.safetensors"))
         model.load_state_dict(state, assign=True)
         return model.to(device=device, dtype=dtype).eval()
@@ -823,9 +832,12 @@ def main(argv=None):
             print(" ".join(decode_beam(model, tokenizer, features, args.beam)).strip())
         else:
             print(" ".join(decode_greedy(model, tokenizer, features)).strip())
-    except (AudioError, ConversionError, TokenizerError, FileNotFoundError, ValueError) as e:
-        print(f"error: {e}", file=sys.stderr)
+    except (AudioError, ConversionError, TokenizerError, OSError, ValueError) as e:
+        print(f"error: {str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__}", file=sys.stderr)
         sys.exit(1)
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        sys.exit(130)
 
 
 if __name__ == "__main__":

@@ -432,7 +432,7 @@ def test_end_to_end_errors(tiny_setup, tmp_path):
     bad = tmp_path / "bad.safetensors"
     from safetensors.torch import save_file
     save_file({"x": torch.zeros(1)}, str(bad))
-    with pytest.raises(EvalError, match="cannot load"):
+    with pytest.raises(EvalError, match="no adapter tensors"):
         evaluate.evaluate(t["data"], "test", adapters=[bad], out=tmp_path / "o.md", llm=t["llm"],
                           whisper=t["whisper"], max_new_tokens=2, progress=False)
     assert not (tmp_path / "o.md").exists()
