@@ -14,6 +14,7 @@ import whisper_model as wm
 from convert_checkpoint import save_checkpoint, smollm2_gguf_path
 from prepare_data import build_prompt
 from tokenizer import Tokenizer, gguf_to_tokenizer_json
+from wl_reference import reference_pth_state
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -128,32 +129,6 @@ def test_cli_without_adapter_prints_whisper_one_best(tmp_path):
         expected = wm.decode_greedy(model, tok, model.embed_audio(mel))[0].strip()
     assert result["corrected"] is None and result["one_best"] == expected
     assert "boston" in expected.lower()
-
-
-def reference_pth_state(model) -> dict:
-    """The adapter of `model` as the reference research code saves it, written out literally from its
-    lit_llama/WL_*.py and adapter.py: its own names, down/up as right-multiplied (W, W/r) / (W/r, W) matrices,
-    RMSNorm scales named `.scale`."""
-    c = model.config
-    state = {}
-    for i in range(c.adapter_start_layer, c.n_layer):
-        a = model.transformer.h[i].attn
-        p = f"transformer.h.{i}.attn."
-        state[p + "adapter_wte.weight"] = a.adapter_prefix.weight.detach().clone()
-        state[p + "gating_factor"] = a.adapter_gate_prefix.detach().clone()
-        if not c.use_whisper:
-            continue
-        state[p + "projection_gating_factor"] = a.adapter_gate_whisper.detach().clone()
-        state[p + "projection_rms_key.scale"] = a.adapter_norm_k.weight.detach().clone()
-        state[p + "projection_rms_value.scale"] = a.adapter_norm_v.weight.detach().clone()
-        state[p + "projection_key_matrix_down"] = a.adapter_down_k.weight.detach().t().clone()
-        state[p + "projection_key_matrix_up"] = a.adapter_up_k.weight.detach().t().clone()
-        if c.variant == "L":
-            state[p + "projection_value_matrix_down"] = a.adapter_down_v.weight.detach().t().clone()
-            state[p + "projection_value_matrix_up"] = a.adapter_up_v.weight.detach().t().clone()
-        state[p + "projection_query_matrix_128to128"] = a.adapter_q_dim.detach().clone()
-        state[p + "projection_query_matrix_32to32"] = a.adapter_q_head.detach().clone()
-    return state
 
 
 @pytest.mark.parametrize("variant, use_whisper", [("M", True), ("S", True), ("L", True), ("M", False)])
