@@ -21,9 +21,9 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="module")
-def smollm2_dir(tmp_path_factory):
-    """The embedded default converted by the current converter, once for this module."""
-    return convert_checkpoint.convert_smollm2_default(tmp_path_factory.mktemp("ckpt") / "smollm2-135m-instruct")
+def smollm2_dir(embedded_llm_dir):
+    """The embedded default converted by the current converter (conftest.py: once per session)."""
+    return embedded_llm_dir
 
 
 @pytest.fixture(scope="module")
