@@ -198,6 +198,28 @@ def test_a_65_s_clip_is_corrected_window_by_window_and_joined(tmp_path, monkeypa
     assert [[h["text"] for h in w] for w in result["nbest"]] == [["hyp 0 a", "hyp 0 b"], [], ["hyp 2"]]
 
 
+@pytest.mark.parametrize("case, message", [
+    ("missing file", "nope.wav not found"), ("empty folder", "empty: no audio files found"),
+    ("bad manifest", "bad.jsonl: not valid JSONL"), ("missing adapter", "missing.pth not found"),
+    ("not audio", "x.txt: not a readable audio file"),
+])
+def test_audio_cli_errors_are_one_line(tmp_path, monkeypatch, capsys, embedded_whisper_dir, case, message):
+    monkeypatch.setattr(G, "OUT", tmp_path / "no-runs")  # no trained adapter to find
+    wav = tmp_path / "a.wav"
+    sf.write(wav, (0.1 * np.random.default_rng(0).standard_normal(16000)).astype(np.float32), 16000)
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "bad.jsonl").write_text("{not json\n")
+    (tmp_path / "x.txt").write_text("hello")
+    audio, extra = {"missing file": ("nope.wav", []), "empty folder": ("empty", []), "bad manifest": ("bad.jsonl", []),
+                    "missing adapter": ("a.wav", ["--adapter", str(tmp_path / "missing.pth")]),
+                    "not audio": ("x.txt", [])}[case]
+    with pytest.raises(SystemExit) as e:
+        G.main(["--audio", str(tmp_path / audio), "--whisper", str(embedded_whisper_dir), *extra])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert e.value.code == 1 and err[-1].startswith("error: ") and message in err[-1], err
+    assert not any("Traceback" in line for line in err) and all(line.startswith("notice:") for line in err[:-1])
+
+
 @pytest.mark.slow
 def test_cli_without_adapter_prints_whisper_one_best(tmp_path, embedded_whisper_dir):
     """No trained adapter: the real tiny.en 1-best and a one-line notice, never an untrained fusion. Oracle: the
