@@ -225,6 +225,62 @@ def test_layer_mapping():
     assert [same.whisper_block(i) for i in range(32)] == list(range(32))
 
 
+@pytest.mark.parametrize("n_layer, whisper_layers, mapping", [
+    (5, 3, {1: 0, 2: 1, 3: 1, 4: 2}),  # spread evenly: j = floor(i · 3 / 5)
+    (3, 3, {1: 1, 2: 2}),              # equal depths: j = i
+])
+def test_build_model_copies_whisper_block_j_projections_frozen(tmp_path, n_layer, whisper_layers, mapping):
+    """LLaMA block i's frozen k/v projections are exact copies of Whisper decoder block j's cross-attention key
+    (no bias) and value (with bias), for the j of DESIGN.md §2 written out here."""
+    from dataclasses import asdict
+
+    from convert_checkpoint import save_checkpoint
+    from whisper_model import ModelDimensions, Whisper
+
+    torch.manual_seed(0)
+    cfg = M.Config.from_name("tiny", n_layer=n_layer)
+    save_checkpoint(tmp_path, M.LLaMA(cfg).state_dict(), cfg.to_dict())
+    dims = ModelDimensions(n_mels=80, n_audio_ctx=30, n_audio_state=32, n_audio_head=2, n_audio_layer=1,
+                           n_vocab=64, n_text_ctx=8, n_text_state=32, n_text_head=2, n_text_layer=whisper_layers)
+    whisper = Whisper(dims)
+    with torch.no_grad():  # distinct values in every block (the value biases start at zero)
+        for p in whisper.parameters():
+            p.add_(torch.randn_like(p))
+    model = A.build_model(tmp_path, whisper, adapter_start_layer=1)
+    assert [i for i, b in enumerate(model.transformer.h) if hasattr(b.attn, "whisper_key")] == list(mapping)
+    for i, j in mapping.items():
+        attn, cross = model.transformer.h[i].attn, whisper.decoder.blocks[j].cross_attn
+        assert cross.key.bias is None and attn.whisper_key.bias is None
+        assert torch.equal(attn.whisper_key.weight, cross.key.weight)
+        assert torch.equal(attn.whisper_value.weight, cross.value.weight)
+        assert torch.equal(attn.whisper_value.bias, cross.value.bias)
+        assert not any(p.requires_grad for p in (attn.whisper_key.weight, attn.whisper_value.weight,
+                                                 attn.whisper_value.bias))
+        assert attn.whisper_key.weight.data_ptr() != cross.key.weight.data_ptr()  # a copy, not Whisper's tensor
+
+
+@pytest.mark.parametrize("layout", ["heads", "paper"])
+def test_random_audio_ablation_is_fresh_standard_normal_noise_at_every_forward(layout):
+    """The random-audio row of the paper as the reference ran it: the features are replaced by a standard normal
+    draw of their shape at every forward. The literal oracle draws the same numbers, and the audio given does not
+    matter at all."""
+    model = make_model("H>Hw,D>Dw,gqa", layout, random_audio=True)
+    idx = torch.randint(0, 97, (2, 6))
+    audio = torch.randn(2, 20, model.config.whisper_width, dtype=torch.float64)
+    torch.manual_seed(7)
+    fast = model(idx, audio)
+    torch.manual_seed(7)
+    noise = torch.randn(audio.shape).double()  # float32 standard normal, as drawn in the forward
+    torch.testing.assert_close(fast, literal_forward(model, idx, noise), atol=1e-9, rtol=1e-7)
+    torch.manual_seed(7)
+    assert torch.equal(model(idx, 100 * audio + 3), fast)  # other audio, same draw: same output
+    assert not torch.allclose(model(idx, audio), fast)  # the next forward draws afresh
+    with torch.no_grad():
+        torch.manual_seed(7)
+        model.config.random_audio = False
+        assert not torch.allclose(model(idx, audio), fast)  # without the ablation the audio is used
+
+
 def test_bad_shapes_are_rejected():
     with pytest.raises(ValueError, match="must fit"):
         A.wl_config(M.Config.from_name("tiny"), whisper_width=96, whisper_heads=6, whisper_layers=2)
