@@ -384,13 +384,18 @@ def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tiny, tmp_path, monke
     assert len(train_losses(out)) == 2
 
 
-def test_bf16_keeps_the_small_updates_that_bf16_true_loses(tiny, tmp_path):
+def test_bf16_keeps_the_small_updates_that_bf16_true_loses(tiny, tmp_path, monkeypatch):
     """--precision bf16 stores the frozen weights in bf16 but trains fp32 adapters: an AdamW step of ~lr = 1e-3
     moves the identity-initialised diagonal of Q_d and gate_W (= 1). In pure bf16 (bf16-true) 1 ± 1e-3 rounds
-    back to 1, so those never move: why bf16-true is not the default."""
+    back to 1, so those never move: why bf16-true is not the default. The bf16 run also decodes a dev utterance
+    (generate.correct under bf16 autocast, with bf16 frozen weights and fp32 adapters)."""
+    built, real_build = {}, T.build
+    monkeypatch.setattr(T, "build", lambda run, fabric, precision, width: built.setdefault(
+        precision, real_build(run, fabric, precision, width)))
     diag_moved = {}
     for mode in ("32", "bf16", "bf16-true"):
-        T.main(args(tiny, tmp_path / mode, "--max-steps", "2", "--precision", mode))
+        dev = ["--eval-every", "2", "--dev-limit", "1"] if mode == "bf16" else []
+        T.main(args(tiny, tmp_path / mode, "--max-steps", "2", "--precision", mode, *dev))
         a = load_adapter(tmp_path / mode / "last.safetensors")
         q_dim = [v for k, v in a.items() if k.endswith("adapter_q_dim")]
         gates = [v for k, v in a.items() if k.endswith("adapter_gate_whisper")]
@@ -398,6 +403,14 @@ def test_bf16_keeps_the_small_updates_that_bf16_true_loses(tiny, tmp_path):
     assert diag_moved == {"32": True, "bf16": True, "bf16-true": False}
     fp32, bf16 = (np.array(train_losses(tmp_path / m), dtype=float) for m in ("32", "bf16"))
     np.testing.assert_allclose(bf16, fp32, rtol=1e-2)  # same run, bf16 rounding apart
+    # what each mode trained: bf16 = frozen weights bf16 (the LLM and the Whisper projections), adapters fp32
+    model, _ = built["bf16"]
+    dtypes = {(p.requires_grad, p.dtype) for p in model.parameters()}
+    assert dtypes == {(False, torch.bfloat16), (True, torch.float32)}
+    assert model.adapter_blocks()[0].attn.whisper_key.weight.dtype == torch.bfloat16
+    assert {p.dtype for p in built["32-true"][0].parameters()} == {torch.float32}
+    evals = [r for r in read_log(tmp_path / "bf16") if r["val_loss"]]
+    assert [int(r["step"]) for r in evals] == [2] and 0 <= float(evals[0]["dev_wer"])
 
 
 def test_clear_errors(tiny, tmp_path, capsys):
