@@ -358,6 +358,38 @@ def test_resume_equals_an_uninterrupted_run(tiny, tmp_path):
     assert any(not torch.equal(init[k], a[k]) for k in a)
 
 
+def test_resume_after_a_crash_between_checkpoints_equals_an_uninterrupted_run(tiny, tmp_path, monkeypatch):
+    """Checkpoints at steps 3, 4 (epoch end), 6, 8, 9; a crash in the middle of step 8, after step 7 was done:
+    --resume restarts from step 6, with the adapters, optimizer, schedule, data order, log and RNG of step 6, and
+    ends exactly where an uninterrupted run ends."""
+    common = ("--random-audio", "--eval-every", "3", "--epochs", "3")  # 4 steps per epoch
+    whole, parts = tmp_path / "whole", tmp_path / "parts"
+    T.main(args(tiny, whole, *common, "--max-steps", "9"))
+
+    real, steps = T.accumulate_gradients, []
+
+    def crash_in_step_8(*a, **k):
+        steps.append(1)
+        if len(steps) == 8:
+            real(*a, **k)  # the forward/backward happen, the optimizer step never does
+            raise KeyboardInterrupt("simulated crash")
+        return real(*a, **k)
+
+    monkeypatch.setattr(T, "accumulate_gradients", crash_in_step_8)
+    with pytest.raises(KeyboardInterrupt):
+        T.main(args(tiny, parts, *common, "--max-steps", "9"))
+    monkeypatch.undo()
+    assert A.read_adapter_meta(parts / "last.safetensors")["step"] == "6"
+    assert len(train_losses(parts)) == 6  # the log as of the last checkpoint
+    T.main(args(tiny, parts, "--resume", "--max-steps", "9"))
+    assert train_losses(parts) == train_losses(whole)
+    timeless = lambda rows: [{k: v for k, v in r.items() if k != "tokens_per_s"} for r in rows]
+    assert timeless(read_log(parts)) == timeless(read_log(whole))  # losses, lr, val loss, epochs: all equal
+    for name in ("last", "best"):
+        a, b = load_adapter(whole / f"{name}.safetensors"), load_adapter(parts / f"{name}.safetensors")
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
 def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tiny, tmp_path, monkeypatch, capsys):
     good = tmp_path / "good"
     T.main(args(tiny, good, "--eval-every", "2", "--max-steps", "2"))
