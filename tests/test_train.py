@@ -339,11 +339,21 @@ def test_early_stopping_keeps_the_best(tiny, tmp_path, monkeypatch, capsys):
     assert "nothing to do" in capsys.readouterr().out and len(train_losses(out)) == 16
 
 
-def test_resume_equals_an_uninterrupted_run(tiny, tmp_path):
-    # --random-audio: the forward pass draws noise, so the RNG state must be restored exactly too.
-    common = ("--random-audio", "--eval-every", "3", "--epochs", "3")  # 4 steps per epoch
-    whole, parts = tmp_path / "whole", tmp_path / "parts"
-    T.main(args(tiny, whole, *common, "--max-steps", "9"))
+# --random-audio: the forward pass draws noise, so the RNG state must be restored exactly too.
+RESUMABLE = ("--random-audio", "--eval-every", "3", "--epochs", "3")  # 4 steps per epoch
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tiny, tmp_path_factory):
+    """9 steps in one go: the oracle of the resume tests."""
+    whole = tmp_path_factory.mktemp("whole")
+    T.main(args(tiny, whole, *RESUMABLE, "--max-steps", "9"))
+    return whole
+
+
+def test_resume_equals_an_uninterrupted_run(tiny, tmp_path, uninterrupted):
+    common = RESUMABLE
+    whole, parts = uninterrupted, tmp_path / "parts"
     T.main(args(tiny, parts, *common, "--max-steps", "5"))  # interrupted mid-epoch, between evaluations
     assert len(train_losses(parts)) == 5
     T.main(args(tiny, parts, "--resume", "--max-steps", "9"))  # the recipe comes from the saved run
@@ -358,14 +368,13 @@ def test_resume_equals_an_uninterrupted_run(tiny, tmp_path):
     assert any(not torch.equal(init[k], a[k]) for k in a)
 
 
-def test_resume_after_a_crash_between_checkpoints_equals_an_uninterrupted_run(tiny, tmp_path, monkeypatch):
+def test_resume_after_a_crash_between_checkpoints_equals_an_uninterrupted_run(tiny, tmp_path, monkeypatch,
+                                                                                 uninterrupted):
     """Checkpoints at steps 3, 4 (epoch end), 6, 8, 9; a crash in the middle of step 8, after step 7 was done:
     --resume restarts from step 6, with the adapters, optimizer, schedule, data order, log and RNG of step 6, and
     ends exactly where an uninterrupted run ends."""
-    common = ("--random-audio", "--eval-every", "3", "--epochs", "3")  # 4 steps per epoch
-    whole, parts = tmp_path / "whole", tmp_path / "parts"
-    T.main(args(tiny, whole, *common, "--max-steps", "9"))
-
+    common = RESUMABLE
+    whole, parts = uninterrupted, tmp_path / "parts"
     real, steps = T.accumulate_gradients, []
 
     def crash_in_step_8(*a, **k):
