@@ -345,9 +345,14 @@ RESUMABLE = ("--random-audio", "--eval-every", "3", "--epochs", "3")  # 4 steps 
 
 @pytest.fixture(scope="module")
 def uninterrupted(tiny, tmp_path_factory):
-    """9 steps in one go: the oracle of the resume tests."""
-    whole = tmp_path_factory.mktemp("whole")
-    T.main(args(tiny, whole, *RESUMABLE, "--max-steps", "9"))
+    """9 steps in one go: the oracle of the resume tests. On one thread like the tests themselves (a module
+    fixture runs before `one_thread`): the comparisons are bit-exact, and float sums depend on the thread count."""
+    whole, threads = tmp_path_factory.mktemp("whole"), torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        T.main(args(tiny, whole, *RESUMABLE, "--max-steps", "9"))
+    finally:
+        torch.set_num_threads(threads)
     return whole
 
 
