@@ -5,7 +5,8 @@ import torch
 
 import adapter as A
 import model as M
-from wl_reference import literal_forward, literal_whisper_branch, padded_template, softmax_attention
+from wl_reference import (literal_forward, literal_whisper_branch, padded_template, reference_pth_state,
+                          softmax_attention)
 
 # (n_head, n_query_groups, n_embd, whisper_heads, whisper_width): H = Hw / H > Hw, D = Dw / D > Dw, GQA or not
 SHAPES = {
@@ -224,6 +225,62 @@ def test_layer_mapping():
     assert [same.whisper_block(i) for i in range(32)] == list(range(32))
 
 
+@pytest.mark.parametrize("n_layer, whisper_layers, mapping", [
+    (5, 3, {1: 0, 2: 1, 3: 1, 4: 2}),  # spread evenly: j = floor(i · 3 / 5)
+    (3, 3, {1: 1, 2: 2}),              # equal depths: j = i
+])
+def test_build_model_copies_whisper_block_j_projections_frozen(tmp_path, n_layer, whisper_layers, mapping):
+    """LLaMA block i's frozen k/v projections are exact copies of Whisper decoder block j's cross-attention key
+    (no bias) and value (with bias), for the j of DESIGN.md §2 written out here."""
+    from dataclasses import asdict
+
+    from convert_checkpoint import save_checkpoint
+    from whisper_model import ModelDimensions, Whisper
+
+    torch.manual_seed(0)
+    cfg = M.Config.from_name("tiny", n_layer=n_layer)
+    save_checkpoint(tmp_path, M.LLaMA(cfg).state_dict(), cfg.to_dict())
+    dims = ModelDimensions(n_mels=80, n_audio_ctx=30, n_audio_state=32, n_audio_head=2, n_audio_layer=1,
+                           n_vocab=64, n_text_ctx=8, n_text_state=32, n_text_head=2, n_text_layer=whisper_layers)
+    whisper = Whisper(dims)
+    with torch.no_grad():  # distinct values in every block (the value biases start at zero)
+        for p in whisper.parameters():
+            p.add_(torch.randn_like(p))
+    model = A.build_model(tmp_path, whisper, adapter_start_layer=1)
+    assert [i for i, b in enumerate(model.transformer.h) if hasattr(b.attn, "whisper_key")] == list(mapping)
+    for i, j in mapping.items():
+        attn, cross = model.transformer.h[i].attn, whisper.decoder.blocks[j].cross_attn
+        assert cross.key.bias is None and attn.whisper_key.bias is None
+        assert torch.equal(attn.whisper_key.weight, cross.key.weight)
+        assert torch.equal(attn.whisper_value.weight, cross.value.weight)
+        assert torch.equal(attn.whisper_value.bias, cross.value.bias)
+        assert not any(p.requires_grad for p in (attn.whisper_key.weight, attn.whisper_value.weight,
+                                                 attn.whisper_value.bias))
+        assert attn.whisper_key.weight.data_ptr() != cross.key.weight.data_ptr()  # a copy, not Whisper's tensor
+
+
+@pytest.mark.parametrize("layout", ["heads", "paper"])
+def test_random_audio_ablation_is_fresh_standard_normal_noise_at_every_forward(layout):
+    """The random-audio row of the paper as the reference ran it: the features are replaced by a standard normal
+    draw of their shape at every forward. The literal oracle draws the same numbers, and the audio given does not
+    matter at all."""
+    model = make_model("H>Hw,D>Dw,gqa", layout, random_audio=True)
+    idx = torch.randint(0, 97, (2, 6))
+    audio = torch.randn(2, 20, model.config.whisper_width, dtype=torch.float64)
+    torch.manual_seed(7)
+    fast = model(idx, audio)
+    torch.manual_seed(7)
+    noise = torch.randn(audio.shape).double()  # float32 standard normal, as drawn in the forward
+    torch.testing.assert_close(fast, literal_forward(model, idx, noise), atol=1e-9, rtol=1e-7)
+    torch.manual_seed(7)
+    assert torch.equal(model(idx, 100 * audio + 3), fast)  # other audio, same draw: same output
+    assert not torch.allclose(model(idx, audio), fast)  # the next forward draws afresh
+    with torch.no_grad():
+        torch.manual_seed(7)
+        model.config.random_audio = False
+        assert not torch.allclose(model(idx, audio), fast)  # without the ablation the audio is used
+
+
 def test_bad_shapes_are_rejected():
     with pytest.raises(ValueError, match="must fit"):
         A.wl_config(M.Config.from_name("tiny"), whisper_width=96, whisper_heads=6, whisper_layers=2)
@@ -231,7 +288,7 @@ def test_bad_shapes_are_rejected():
         A.wl_config(M.Config.from_name("tiny"), whisper_width=32, whisper_heads=2, variant="XL")
 
 
-def test_adapter_state_roundtrip_and_reference_names(tmp_path):
+def test_adapter_state_roundtrip(tmp_path):
     model = make_model("H>Hw,D>Dw,gqa", layout="paper").float()
     state = A.adapter_state_dict(model)
     assert state and all("adapter_" in k for k in state)
@@ -240,20 +297,38 @@ def test_adapter_state_roundtrip_and_reference_names(tmp_path):
     A.load_adapter_state(fresh, state)
     for k, v in A.adapter_state_dict(fresh).items():
         assert torch.equal(v, state[k])
-    # The reference code's names and right-multiplied down/up matrices.
-    inverse = {ours: (theirs, t) for theirs, (ours, t) in A.REFERENCE_NAMES.items()}
-    reference = {}
-    for k, v in state.items():
-        prefix, _, leaf = k.partition(".attn.")
-        theirs, transpose = inverse[leaf]
-        reference[f"{prefix}.attn.{theirs}"] = v.t().clone() if transpose else v.clone()
-    torch.save(reference, tmp_path / "ref.pth")
-    other = make_model("H>Hw,D>Dw,gqa", layout="paper", seed=2).float()
-    A.load_adapter_file(other, tmp_path / "ref.pth")
-    for k, v in A.adapter_state_dict(other).items():
-        assert torch.equal(v, state[k])
     with pytest.raises(ValueError, match="does not match"):
         A.load_adapter_state(make_model("H>Hw,D>Dw,gqa", variant="L"), state)
+
+
+@pytest.mark.parametrize("variant", ["M", "L"])
+def test_reference_pth_gives_the_logits_of_the_same_adapter_from_safetensors(tmp_path, variant):
+    """A .pth in the reference code's names and shapes (written out literally in wl_reference.py, not derived
+    from adapter.REFERENCE_NAMES) loads into the same function as our .safetensors of the same adapter."""
+    model = make_model("H>Hw,D>Dw,gqa", layout="paper", variant=variant).eval()
+    with torch.no_grad():  # values a .safetensors (float32) holds exactly
+        for p in model.parameters():
+            p.copy_(p.float())
+    attn = model.transformer.h[1].attn
+    # non-symmetric square matrices and distinct values everywhere: a wrong transpose or a swapped name shows
+    assert not torch.equal(attn.adapter_q_dim, attn.adapter_q_dim.T)
+    assert not torch.equal(attn.adapter_q_head, attn.adapter_q_head.T)
+    torch.save(reference_pth_state(model), tmp_path / "reference.pth")
+    A.save_adapter(model, tmp_path / "ours.safetensors")
+    idx = torch.randint(0, 97, (2, 7))
+    audio = torch.randn(2, 20, model.config.whisper_width, dtype=torch.float64)
+    logits = {}
+    for i, name in enumerate(("reference.pth", "ours.safetensors")):
+        other = make_model("H>Hw,D>Dw,gqa", layout="paper", variant=variant, seed=2 + i).eval()
+        other.load_state_dict({k: v for k, v in model.state_dict().items() if not A.is_adapter_param(k)},
+                              strict=False)  # the same frozen LLM and Whisper projections, other adapters
+        A.load_adapter_file(other, tmp_path / name)
+        with torch.no_grad():
+            logits[name] = other(idx, audio)
+    with torch.no_grad():
+        expected = literal_forward(model, idx, audio)
+    torch.testing.assert_close(logits["reference.pth"], logits["ours.safetensors"], atol=0, rtol=0)
+    torch.testing.assert_close(logits["reference.pth"], expected, atol=1e-9, rtol=1e-7)
 
 
 def test_trim_audio_uses_only_the_frames_that_carry_audio():

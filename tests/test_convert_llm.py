@@ -160,11 +160,16 @@ def test_meta_vocab_size_minus_one_comes_from_the_embedding(tmp_path):
     torch.testing.assert_close(logits_of(converted), logits_of(model), rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize("change", [dict(n_layers=3), dict(dim=128), dict(n_kv_heads=4), dict(multiple_of=256)])
-def test_meta_params_contradicting_the_weights_is_an_error(tmp_path, change):
+@pytest.mark.parametrize("change, match", [
+    (dict(n_layers=3), r"lacks tensor 'layers\.2\.attention_norm\.weight'"),
+    (dict(dim=128), r"wte\.weight has shape \(512, 64\) but the config implies \(512, 128\)"),
+    (dict(n_kv_heads=4), r"qkv\.weight has shape \(128, 64\) but the config implies \(192, 64\)"),
+    (dict(multiple_of=256), r"fc_1\.weight has shape \(128, 64\) but the config implies \(256, 64\)"),
+])
+def test_meta_params_contradicting_the_weights_is_an_error(tmp_path, change, match):
     model = random_model(Config.from_name("tiny", norm_eps=1e-5))
     write_meta(tmp_path / "m", model, 2, False, {**TINY_PARAMS, **change})
-    with pytest.raises(ConversionError):
+    with pytest.raises(ConversionError, match=match):
         cc.convert_meta(tmp_path / "m", tmp_path / "out")
     assert not (tmp_path / "out").exists()
 
@@ -292,32 +297,41 @@ def test_hf_folder_reproduces_logits(tmp_path, fmt, tied):
 
 
 def test_hf_bfloat16_is_kept_or_cast(tmp_path):
+    """bf16 weights are kept as they are or cast to float32 exactly, through the HF q/k un-permutation: the
+    logits equal the original model's (in bf16, and on the same values in float32)."""
     model = random_model(Config.from_name("tiny")).to(torch.bfloat16)
     write_hf(tmp_path / "hf", model, "safetensors")
     kept = LLaMA.from_checkpoint(cc.convert_hf_llama(tmp_path / "hf", tmp_path / "a"))
-    assert kept.lm_head.weight.dtype == torch.bfloat16
+    assert {p.dtype for p in kept.parameters()} == {torch.bfloat16}
+    torch.testing.assert_close(logits_of(kept), logits_of(model), atol=0, rtol=0)
     cast = LLaMA.from_checkpoint(cc.convert_hf_llama(tmp_path / "hf", tmp_path / "b", dtype="float32"))
-    assert cast.lm_head.weight.dtype == torch.float32
-    torch.testing.assert_close(cast.lm_head.weight, model.lm_head.weight.float())
+    assert {p.dtype for p in cast.parameters()} == {torch.float32}
+    torch.testing.assert_close(logits_of(cast), logits_of(model.float()), rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize("fmt", ["safetensors", "bin"])
-def test_hf_truncated_weights_are_an_error(tmp_path, fmt):
+@pytest.mark.parametrize("fmt, match", [("safetensors", r"model.safetensors: a safetensors file cut short \(\d+ of"),
+                                        ("bin", "pytorch_model.bin: a zip archive cut short or damaged")])
+def test_hf_truncated_weights_are_an_error(tmp_path, fmt, match):
     write_hf(tmp_path / "hf", random_model(Config.from_name("tiny")), fmt)
     path = tmp_path / "hf" / ("model.safetensors" if fmt == "safetensors" else "pytorch_model.bin")
     path.write_bytes(path.read_bytes()[: path.stat().st_size * 2 // 3])
-    with pytest.raises(ConversionError):
+    with pytest.raises(ConversionError, match=match):
         cc.convert_hf_llama(tmp_path / "hf", tmp_path / "out")
     assert not (tmp_path / "out").exists()
 
 
-@pytest.mark.parametrize("change", [dict(hidden_size=128), dict(num_hidden_layers=1), dict(intermediate_size=96),
-                                    dict(num_key_value_heads=4), dict(model_type="gpt2")])
-def test_hf_config_contradicting_the_weights_is_an_error(tmp_path, change):
+@pytest.mark.parametrize("change, match", [
+    (dict(hidden_size=128), r"wte\.weight has shape \(512, 64\) but the config implies \(512, 128\)"),
+    (dict(num_hidden_layers=1), r"9 tensors its config does not explain \(first: 'layers\.1\.attention_norm"),
+    (dict(intermediate_size=96), r"fc_1\.weight has shape \(128, 64\) but the config implies \(96, 64\)"),
+    (dict(num_key_value_heads=4), r"qkv\.weight has shape \(128, 64\) but the config implies \(192, 64\)"),
+    (dict(model_type="gpt2"), "model_type 'gpt2' is not a LLaMA model"),
+])
+def test_hf_config_contradicting_the_weights_is_an_error(tmp_path, change, match):
     write_hf(tmp_path / "hf", random_model(Config.from_name("tiny")), "safetensors")
     cfg = json.loads((tmp_path / "hf" / "config.json").read_text())
     (tmp_path / "hf" / "config.json").write_text(json.dumps({**cfg, **change}))
-    with pytest.raises(ConversionError):
+    with pytest.raises(ConversionError, match=match):
         cc.convert_hf_llama(tmp_path / "hf", tmp_path / "out")
 
 
@@ -545,16 +559,20 @@ def test_gguf_truncated_file_is_an_error(tmp_path, keep):
     write_gguf(tmp_path / "m.gguf", random_model(Config(name="t", **GGUF_CONFIG)), "Q8_0")
     data = (tmp_path / "m.gguf").read_bytes()
     (tmp_path / "m.gguf").write_bytes(data[: int(len(data) * keep)])
-    with pytest.raises(ConversionError):
+    with pytest.raises(ConversionError, match="m.gguf: not a readable GGUF file"):
         cc.convert_gguf(tmp_path / "m.gguf", tmp_path / "out")
     assert not (tmp_path / "out").exists()
 
 
-@pytest.mark.parametrize("change", [dict(head_count_kv=4), dict(block_count=3), dict(feed_forward_length=512),
-                                    dict(rope_dimension_count=32)])
-def test_gguf_metadata_contradicting_the_tensors_is_an_error(tmp_path, change):
+@pytest.mark.parametrize("change, match", [
+    (dict(head_count_kv=4), r"qkv\.weight has shape \(512, 256\) but the config implies \(768, 256\)"),
+    (dict(block_count=3), r"lacks tensor 'layers\.2\.attention_norm\.weight'"),
+    (dict(feed_forward_length=512), r"fc_1\.weight has shape \(256, 256\) but the config implies \(512, 256\)"),
+    (dict(rope_dimension_count=32), "rope.dimension_count = 32 differs from n_embd/n_head = 64"),
+])
+def test_gguf_metadata_contradicting_the_tensors_is_an_error(tmp_path, change, match):
     write_gguf(tmp_path / "m.gguf", random_model(Config(name="t", **GGUF_CONFIG)), "F16", meta_changes=change)
-    with pytest.raises(ConversionError):
+    with pytest.raises(ConversionError, match=match):
         cc.convert_gguf(tmp_path / "m.gguf", tmp_path / "out")
 
 

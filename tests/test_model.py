@@ -88,19 +88,80 @@ def test_gqa_equals_mha_with_repeated_kv_heads():
         torch.testing.assert_close(gqa(idx), mha(idx), atol=1e-5, rtol=1e-5)
 
 
+def complex_rope(x, base):
+    """Meta's reference RoPE: pairs (2i, 2i+1) of x (B, H, T, D) as complex numbers times e^{i·t·base^(-2i/D)}."""
+    B, H, T, D = x.shape
+    z = torch.view_as_complex(x.double().reshape(B, H, T, D // 2, 2).contiguous())
+    theta = base ** (-torch.arange(0, D, 2, dtype=torch.float64) / D)
+    rotation = torch.polar(torch.ones(T, D // 2, dtype=torch.float64), torch.outer(torch.arange(T).double(), theta))
+    return torch.view_as_real(z * rotation).reshape(B, H, T, D)
+
+
 def test_attention_matches_literal_softmax():
+    """q, k, v from the rows of the fused qkv weight ([H query heads; G key groups; G value groups]), rotated by
+    the complex-number RoPE, one head at a time with its group h // (H/G), causal softmax; then the output
+    projection."""
     torch.manual_seed(0)
     config = M.Config.from_name("tiny")
     attn = M.CausalSelfAttention(config)
-    x = torch.randn(2, 6, config.n_embd)
-    cos, sin = M.build_rope_cache(6, config.head_size, config.rope_base)
-    q, y = attn.attend(x, cos, sin, None, None)
-    _, k, v = attn.split_heads(attn.qkv(x))
-    k = M.apply_rope(k, cos, sin).repeat_interleave(2, dim=1)
-    v = v.repeat_interleave(2, dim=1)
-    scores = q @ k.transpose(-1, -2) / math.sqrt(config.head_size)
-    scores = scores.masked_fill(torch.triu(torch.ones(6, 6, dtype=torch.bool), 1), float("-inf"))
-    torch.testing.assert_close(y, scores.softmax(-1) @ v, atol=1e-5, rtol=1e-5)
+    B, T, H, G, D = 2, 6, config.n_head, config.n_query_groups, config.head_size
+    x = torch.randn(B, T, config.n_embd)
+    W = attn.qkv.weight.detach().double()
+    rows = lambda start, n: (x.double() @ W[start * D:(start + n) * D].T).view(B, T, n, D).transpose(1, 2)
+    q = complex_rope(rows(0, H), config.rope_base)
+    k = complex_rope(rows(H, G), config.rope_base)
+    v = rows(H + G, G)
+    expected = torch.empty(B, H, T, D, dtype=torch.float64)
+    causal = torch.triu(torch.ones(T, T, dtype=torch.bool), 1)
+    for h in range(H):
+        g = h // (H // G)
+        scores = (q[:, h] @ k[:, g].transpose(-1, -2) / math.sqrt(D)).masked_fill(causal, float("-inf"))
+        expected[:, h] = scores.softmax(-1) @ v[:, g]
+    cos, sin = M.build_rope_cache(T, D, config.rope_base)
+    with torch.no_grad():
+        q_out, y = attn.attend(x, cos, sin, None, None)
+        out = attn(x, cos, sin)
+    torch.testing.assert_close(q_out.double(), q, atol=1e-5, rtol=1e-5)  # the queries the adapter reuses
+    torch.testing.assert_close(y.double(), expected, atol=1e-5, rtol=1e-5)
+    proj = expected.transpose(1, 2).reshape(B, T, H * D) @ attn.proj.weight.detach().double().T
+    torch.testing.assert_close(out.double(), proj, atol=1e-5, rtol=1e-5)
+
+
+def unit_variance(model):
+    """Unit-variance activations at every layer (GPT-style 0.02 makes a random model nearly constant)."""
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if p.dim() == 2:
+                p.normal_(std=1.0 if "wte" in name else p.shape[1] ** -0.5)
+    return model
+
+
+def test_bf16_forward_and_kv_cache_stay_within_bf16_rounding_of_fp32():
+    """The bf16 path (generate.py --dtype bfloat16, train.py's frozen weights): the same function as fp32 on the
+    same (bf16-rounded) weights, up to bf16 rounding of the activations (rms 0.006 here, logits of unit scale);
+    the KV cache is held in bf16 and cached decoding gives the full forward's logits."""
+    torch.manual_seed(0)
+    model = unit_variance(M.LLaMA(M.Config.from_name("tiny"))).eval()
+    model.to(torch.bfloat16).float()  # weights that bf16 holds exactly
+    idx = torch.randint(0, 512, (2, 120))
+    with torch.no_grad():
+        fp32 = model(idx)
+        model.to(torch.bfloat16)
+        bf16 = model(idx)
+        model.set_kv_cache(batch_size=2, max_seq_length=120)
+        steps = [model(idx[:, :100], input_pos=torch.arange(100))]
+        steps += [model(idx[:, t:t + 1], input_pos=torch.tensor([t])) for t in range(100, 120)]
+    assert bf16.dtype == torch.bfloat16 and model.transformer.h[0].attn.kv_cache.k.dtype == torch.bfloat16
+    assert fp32.std() > 0.5
+    torch.testing.assert_close(bf16.float(), fp32, atol=0.06, rtol=0.02)
+    torch.testing.assert_close(torch.cat(steps, 1).float(), bf16.float(), atol=0.06, rtol=0.02)
+
+
+def test_a_sequence_longer_than_the_context_is_a_clear_error():
+    model = M.LLaMA(M.Config.from_name("tiny", block_size=16)).eval()
+    with pytest.raises(ValueError, match="sequence of 17 tokens exceeds block_size 16"):
+        model(torch.zeros(1, 17, dtype=torch.long))
+    assert model(torch.zeros(1, 16, dtype=torch.long)).shape == (1, 16, 512)  # the context itself is fine
 
 
 def test_logits_mask_selects_positions():

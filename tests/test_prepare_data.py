@@ -341,9 +341,15 @@ E2E_TEXTS = [("Show me the flights from Boston to Denver.", "en-us", "train"),
              ("What ground transportation is available in Pittsburgh?", "en-us+f2", "test")]
 
 
-def _e2e_config(**kw):
+@pytest.fixture(scope="module")
+def e2e_models(embedded_whisper_dir, embedded_llm_dir):
+    """The embedded tiny.en and SmolLM2 converted into a temporary folder (conftest.py), never checkpoints/."""
+    return dict(nbest_model=str(embedded_whisper_dir), llm=str(embedded_llm_dir))
+
+
+def _e2e_config(models, **kw):
     # few samples and tiny chunks: fast, and several chunks per split to resume across
-    return prepare_data.PrepareConfig(samples=6, keep=4, batch_size=2, chunk_size=2, **kw)
+    return prepare_data.PrepareConfig(samples=6, keep=4, batch_size=2, chunk_size=2, **models, **kw)
 
 
 @pytest.fixture(scope="module")
@@ -369,9 +375,10 @@ def e2e_manifest(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def e2e_prepared(e2e_manifest, tmp_path_factory):
+def e2e_prepared(e2e_manifest, e2e_models, tmp_path_factory):
     out = tmp_path_factory.mktemp("prepared")
-    result = prepare_data.prepare(prepare_data.read_inputs(e2e_manifest), out, _e2e_config(), progress=False)
+    result = prepare_data.prepare(prepare_data.read_inputs(e2e_manifest), out, _e2e_config(e2e_models),
+                                  progress=False)
     return out, result
 
 
@@ -380,16 +387,15 @@ def _files(root):
 
 
 @pytest.mark.slow
-def test_end_to_end_reader_and_labels(e2e_prepared):
+def test_end_to_end_reader_and_labels(e2e_prepared, e2e_models):
     import jiwer
 
-    from convert_checkpoint import ensure_llm
     from tokenizer import Tokenizer
     from whisper_model import load_audio, load_whisper, log_mel_spectrogram, pad_or_trim
 
     out, result = e2e_prepared
-    tok = Tokenizer.from_dir(ensure_llm())
-    model, _ = load_whisper("tiny.en")
+    tok = Tokenizer.from_dir(e2e_models["llm"])
+    model, _ = load_whisper(e2e_models["nbest_model"])
     assert result["train"]["utterances"] == 2 and result["test"]["utterances"] == 1
     assert result["train"]["skipped"] == {"bad audio": 1, "longer than 30 s": 1}
     assert result["test"]["skipped"] == {"empty transcript": 1}
@@ -431,7 +437,7 @@ def test_end_to_end_reader_and_labels(e2e_prepared):
 
 
 @pytest.mark.slow
-def test_resume_after_a_crash_gives_identical_output(e2e_manifest, e2e_prepared, tmp_path, monkeypatch):
+def test_resume_after_a_crash_gives_identical_output(e2e_manifest, e2e_prepared, e2e_models, tmp_path, monkeypatch):
     reference, _ = e2e_prepared
     utts = prepare_data.read_inputs(e2e_manifest)
 
@@ -446,27 +452,27 @@ def test_resume_after_a_crash_gives_identical_output(e2e_manifest, e2e_prepared,
 
     monkeypatch.setattr(prepare_data, "_commit_chunk", commit_then_crash)
     with pytest.raises(KeyboardInterrupt):
-        prepare_data.prepare(utts, tmp_path, _e2e_config(), progress=False)
+        prepare_data.prepare(utts, tmp_path, _e2e_config(e2e_models), progress=False)
     assert len(prepare_data._read_index(tmp_path / "train" / "index.jsonl")) == 2
 
     # crash 2: the next chunk's shard is written but its index lines never make it
     monkeypatch.setattr(prepare_data, "_commit_chunk", commit)
     monkeypatch.setattr(prepare_data, "_append_index", lambda *a: (_ for _ in ()).throw(KeyboardInterrupt()))
     with pytest.raises(KeyboardInterrupt):
-        prepare_data.prepare(utts, tmp_path, _e2e_config(), progress=False)
+        prepare_data.prepare(utts, tmp_path, _e2e_config(e2e_models), progress=False)
     monkeypatch.undo()
 
-    prepare_data.prepare(utts, tmp_path, _e2e_config(), progress=False)
+    prepare_data.prepare(utts, tmp_path, _e2e_config(e2e_models), progress=False)
     assert _files(tmp_path) == _files(reference)
     # a rerun with nothing left to do changes nothing; other settings are refused
-    prepare_data.prepare(utts, tmp_path, _e2e_config(), progress=False)
+    prepare_data.prepare(utts, tmp_path, _e2e_config(e2e_models), progress=False)
     assert _files(tmp_path) == _files(reference)
     with pytest.raises(prepare_data.PrepareError, match="other settings"):
-        prepare_data.prepare(utts, tmp_path, _e2e_config(seed=1), progress=False)
+        prepare_data.prepare(utts, tmp_path, _e2e_config(e2e_models, seed=1), progress=False)
 
 
 @pytest.mark.slow
-def test_given_nbest_lists_are_deduplicated_and_capped(e2e_manifest, tmp_path):
+def test_given_nbest_lists_are_deduplicated_and_capped(e2e_manifest, e2e_models, tmp_path):
     text = E2E_TEXTS[0][0]
     given = ["show me the flights from boston to denver", text, "Show me the fights from Boston to Denver.",
              "show me the flights from boston to denver", "a", "b", "c"]
@@ -474,7 +480,8 @@ def test_given_nbest_lists_are_deduplicated_and_capped(e2e_manifest, tmp_path):
     wav = str(e2e_manifest.parent / "u0.wav")
     hp.write_text(json.dumps([{"id": "u0", "audio": wav, "input": given, "output": text},
                               {"id": "only-gt", "audio": wav, "input": [text], "output": text}]))
-    result = prepare_data.prepare(prepare_data.read_inputs(hp), tmp_path / "out", _e2e_config(), progress=False)
+    result = prepare_data.prepare(prepare_data.read_inputs(hp), tmp_path / "out", _e2e_config(e2e_models),
+                                  progress=False)
     assert result["train"]["utterances"] == 2
     ds = prepare_data.PreparedDataset(tmp_path / "out", "train")
     meta = ds[0]["meta"]
@@ -489,8 +496,9 @@ def test_given_nbest_lists_are_deduplicated_and_capped(e2e_manifest, tmp_path):
 
 
 @pytest.mark.slow
-def test_cli_builds_the_demo_corpus_and_prints_the_summary(tmp_path, capsys):
-    prepare_data.main(["--out", str(tmp_path), "--limit", "1", "--samples", "4", "--keep", "3"])
+def test_cli_builds_the_demo_corpus_and_prints_the_summary(tmp_path, e2e_models, capsys):
+    prepare_data.main(["--out", str(tmp_path), "--limit", "1", "--samples", "4", "--keep", "3",
+                       "--nbest-model", e2e_models["nbest_model"], "--llm", e2e_models["llm"]])
     out = capsys.readouterr().out
     rows = {line.split()[0]: line.split() for line in out.splitlines()[2:5]}
     assert set(rows) == {"train", "dev", "test"}

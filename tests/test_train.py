@@ -346,11 +346,26 @@ def test_early_stopping_keeps_the_best(tiny, tmp_path, monkeypatch, capsys):
     assert "nothing to do" in capsys.readouterr().out and len(train_losses(out)) == 16
 
 
-def test_resume_equals_an_uninterrupted_run(tiny, tmp_path):
-    # --random-audio: the forward pass draws noise, so the RNG state must be restored exactly too.
-    common = ("--random-audio", "--eval-every", "3", "--epochs", "3")  # 4 steps per epoch
-    whole, parts = tmp_path / "whole", tmp_path / "parts"
-    T.main(args(tiny, whole, *common, "--max-steps", "9"))
+# --random-audio: the forward pass draws noise, so the RNG state must be restored exactly too.
+RESUMABLE = ("--random-audio", "--eval-every", "3", "--epochs", "3")  # 4 steps per epoch
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tiny, tmp_path_factory):
+    """9 steps in one go: the oracle of the resume tests. On one thread like the tests themselves (a module
+    fixture runs before `one_thread`): the comparisons are bit-exact, and float sums depend on the thread count."""
+    whole, threads = tmp_path_factory.mktemp("whole"), torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        T.main(args(tiny, whole, *RESUMABLE, "--max-steps", "9"))
+    finally:
+        torch.set_num_threads(threads)
+    return whole
+
+
+def test_resume_equals_an_uninterrupted_run(tiny, tmp_path, uninterrupted):
+    common = RESUMABLE
+    whole, parts = uninterrupted, tmp_path / "parts"
     T.main(args(tiny, parts, *common, "--max-steps", "5"))  # interrupted mid-epoch, between evaluations
     assert len(train_losses(parts)) == 5
     T.main(args(tiny, parts, "--resume", "--max-steps", "9"))  # the recipe comes from the saved run
@@ -363,6 +378,38 @@ def test_resume_equals_an_uninterrupted_run(tiny, tmp_path):
     # the adapters did move
     init = {n: p for n, p in tiny_model(tiny).named_parameters() if A.is_adapter_param(n)}
     assert any(not torch.equal(init[k], a[k]) for k in a)
+
+
+def test_resume_after_a_crash_between_checkpoints_equals_an_uninterrupted_run(tiny, tmp_path, monkeypatch,
+                                                                                 uninterrupted):
+    """Checkpoints at steps 3, 4 (epoch end), 6, 8, 9; a crash in the middle of step 8, after step 7 was done:
+    --resume restarts from step 6, with the adapters, optimizer, schedule, data order, log and RNG of step 6, and
+    ends exactly where an uninterrupted run ends."""
+    common = RESUMABLE
+    whole, parts = uninterrupted, tmp_path / "parts"
+    real, steps = T.accumulate_gradients, []
+
+    def crash_in_step_8(*a, **k):
+        steps.append(1)
+        if len(steps) == 8:
+            real(*a, **k)  # the forward/backward happen, the optimizer step never does
+            raise KeyboardInterrupt("simulated crash")
+        return real(*a, **k)
+
+    monkeypatch.setattr(T, "accumulate_gradients", crash_in_step_8)
+    with pytest.raises(SystemExit) as stopped:  # main() turns the interrupt into exit status 130
+        T.main(args(tiny, parts, *common, "--max-steps", "9"))
+    assert stopped.value.code == 130
+    monkeypatch.undo()
+    assert A.read_adapter_meta(parts / "last.safetensors")["step"] == "6"
+    assert len(train_losses(parts)) == 6  # the log as of the last checkpoint
+    T.main(args(tiny, parts, "--resume", "--max-steps", "9"))
+    assert train_losses(parts) == train_losses(whole)
+    timeless = lambda rows: [{k: v for k, v in r.items() if k != "tokens_per_s"} for r in rows]
+    assert timeless(read_log(parts)) == timeless(read_log(whole))  # losses, lr, val loss, epochs: all equal
+    for name in ("last", "best"):
+        a, b = load_adapter(whole / f"{name}.safetensors"), load_adapter(parts / f"{name}.safetensors")
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
 def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tiny, tmp_path, monkeypatch, capsys):
@@ -391,13 +438,18 @@ def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tiny, tmp_path, monke
     assert len(train_losses(out)) == 2
 
 
-def test_bf16_keeps_the_small_updates_that_bf16_true_loses(tiny, tmp_path):
+def test_bf16_keeps_the_small_updates_that_bf16_true_loses(tiny, tmp_path, monkeypatch):
     """--precision bf16 stores the frozen weights in bf16 but trains fp32 adapters: an AdamW step of ~lr = 1e-3
     moves the identity-initialised diagonal of Q_d and gate_W (= 1). In pure bf16 (bf16-true) 1 ± 1e-3 rounds
-    back to 1, so those never move: why bf16-true is not the default."""
+    back to 1, so those never move: why bf16-true is not the default. The bf16 run also decodes a dev utterance
+    (generate.correct under bf16 autocast, with bf16 frozen weights and fp32 adapters)."""
+    built, real_build = {}, T.build
+    monkeypatch.setattr(T, "build", lambda run, fabric, precision, width: built.setdefault(
+        precision, real_build(run, fabric, precision, width)))
     diag_moved = {}
     for mode in ("32", "bf16", "bf16-true"):
-        T.main(args(tiny, tmp_path / mode, "--max-steps", "2", "--precision", mode))
+        dev = ["--eval-every", "2", "--dev-limit", "1"] if mode == "bf16" else []
+        T.main(args(tiny, tmp_path / mode, "--max-steps", "2", "--precision", mode, *dev))
         a = load_adapter(tmp_path / mode / "last.safetensors")
         q_dim = [v for k, v in a.items() if k.endswith("adapter_q_dim")]
         gates = [v for k, v in a.items() if k.endswith("adapter_gate_whisper")]
@@ -405,6 +457,14 @@ def test_bf16_keeps_the_small_updates_that_bf16_true_loses(tiny, tmp_path):
     assert diag_moved == {"32": True, "bf16": True, "bf16-true": False}
     fp32, bf16 = (np.array(train_losses(tmp_path / m), dtype=float) for m in ("32", "bf16"))
     np.testing.assert_allclose(bf16, fp32, rtol=1e-2)  # same run, bf16 rounding apart
+    # what each mode trained: bf16 = frozen weights bf16 (the LLM and the Whisper projections), adapters fp32
+    model, _ = built["bf16"]
+    dtypes = {(p.requires_grad, p.dtype) for p in model.parameters()}
+    assert dtypes == {(False, torch.bfloat16), (True, torch.float32)}
+    assert model.adapter_blocks()[0].attn.whisper_key.weight.dtype == torch.bfloat16
+    assert {p.dtype for p in built["32-true"][0].parameters()} == {torch.float32}
+    evals = [r for r in read_log(tmp_path / "bf16") if r["val_loss"]]
+    assert [int(r["step"]) for r in evals] == [2] and 0 <= float(evals[0]["dev_wer"])
 
 
 def test_clear_errors(tiny, tmp_path, capsys):
@@ -442,21 +502,27 @@ def test_resume_refuses_a_different_recipe_and_a_used_folder(tiny, tmp_path, cap
 
 
 @pytest.mark.slow
-def test_two_process_ddp_equals_one_process(tiny, tmp_path):
-    """2 processes × micro-batch 2 and 1 process × 2 accumulation steps see the same 4 examples per step and
-    normalise by the same token count, so they take the same steps (up to float rounding)."""
+def test_two_process_ddp_with_accumulation_equals_one_process(tiny, tmp_path):
+    """Batch 4 in micro-batches of 1: one process accumulates 4, each of two processes accumulates 2 without
+    synchronising the first (no_backward_sync) and normalises by the token count of all 4, so both take the same
+    steps (up to float rounding). The two-process run is then resumed on one process (--devices is not part of
+    the recipe: a step's examples do not depend on the number of processes) and still matches."""
     one, two = tmp_path / "one", tmp_path / "two"
-    T.main(args(tiny, one, "--max-steps", "3"))
+    T.main(args(tiny, one, "--micro-batch", "1", "--max-steps", "4"))
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     proc = subprocess.run([sys.executable, str(ROOT / "train.py"),
-                           *args(tiny, two, "--max-steps", "3", "--devices", "2", "--strategy", "ddp")],
+                           *args(tiny, two, "--micro-batch", "1", "--max-steps", "3", "--devices", "2",
+                                 "--strategy", "ddp")],
                           cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "tokens/s" in proc.stdout
+    assert json.loads((one / "config.json").read_text())["accumulation_steps"] == 4
     config = json.loads((two / "config.json").read_text())
-    assert config["world_size"] == 2 and config["accumulation_steps"] == 1
-    np.testing.assert_allclose([float(x) for x in train_losses(two)], [float(x) for x in train_losses(one)],
-                               rtol=1e-5)
+    assert config["world_size"] == 2 and config["accumulation_steps"] == 2
+    losses = lambda out: [float(x) for x in train_losses(out)]
+    np.testing.assert_allclose(losses(two), losses(one)[:3], rtol=1e-5)
+    T.main(args(tiny, two, "--resume", "--max-steps", "4"))  # step 4 on one process
+    np.testing.assert_allclose(losses(two), losses(one), rtol=1e-5)
     a, b = load_adapter(one / "last.safetensors"), load_adapter(two / "last.safetensors")
     for k in a:
         torch.testing.assert_close(b[k], a[k], rtol=1e-4, atol=1e-5)

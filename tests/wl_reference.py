@@ -116,3 +116,50 @@ def literal_forward(model, idx, audio):
         mlp = block.mlp
         x = x + (torch.nn.functional.silu(m @ mlp.fc_1.weight.T) * (m @ mlp.fc_2.weight.T)) @ mlp.proj.weight.T
     return rms(x, model.transformer.ln_f.weight, c.norm_eps) @ model.lm_head.weight.T
+
+
+def reference_pth_state(model) -> dict:
+    """The adapter of `model` as the reference research code saves it, written out from its lit_llama/WL_*.py:
+    its own tensor names (adapter_state_from_state_dict keeps every name with "adapter_wte", "gating_factor" or
+    "projection") and its own shapes, which it uses as right-multiplied matrices (x @ M):
+
+        adapter_wte = nn.Embedding(L, C)                           adapter_wte.weight               (L, C)
+        gating_factor = Parameter(zeros(1))                                                          (1,)
+        projection_gating_factor = Parameter(ones(1))                                                (1,)
+        projection_rms_key / projection_rms_value = RMSNorm(W)     projection_rms_*.scale           (W,)
+        projection_key_matrix_down = Parameter((W, W // r))        key @ down                       (W, W/r)
+        projection_key_matrix_up = Parameter((W // r, W))          silu(...) @ up                   (W/r, W)
+        projection_value_matrix_down / _up (WL-L only)             the same shapes
+        projection_query_matrix_128to128 = Parameter((D, D))       q @ M                            (D, D)
+        projection_query_matrix_32to32 = Parameter((H, H))         q.permute(0, 2, 3, 1) @ M        (H, H)
+
+    nn.Linear stores (out, in) and computes x Wᵀ, so down/up are the transposes of our weights; Q_d and Q_h are
+    right-multiplied in both codes, so they are copied as they are."""
+    c = model.config
+    L, C, H, D = c.adapter_prompt_length, c.n_embd, c.n_head, c.head_size
+    state = {}
+    for i in range(c.adapter_start_layer, c.n_layer):
+        a = model.transformer.h[i].attn
+        p = f"transformer.h.{i}.attn."
+        state[p + "adapter_wte.weight"] = a.adapter_prefix.weight.detach().clone()
+        state[p + "gating_factor"] = a.adapter_gate_prefix.detach().clone()
+        expected = {"adapter_wte.weight": (L, C), "gating_factor": (1,)}
+        if c.use_whisper:
+            W, r = c.whisper_width, c.adapter_rank
+            state[p + "projection_gating_factor"] = a.adapter_gate_whisper.detach().clone()
+            state[p + "projection_rms_key.scale"] = a.adapter_norm_k.weight.detach().clone()
+            state[p + "projection_rms_value.scale"] = a.adapter_norm_v.weight.detach().clone()
+            state[p + "projection_key_matrix_down"] = a.adapter_down_k.weight.detach().t().clone()
+            state[p + "projection_key_matrix_up"] = a.adapter_up_k.weight.detach().t().clone()
+            if c.variant == "L":
+                state[p + "projection_value_matrix_down"] = a.adapter_down_v.weight.detach().t().clone()
+                state[p + "projection_value_matrix_up"] = a.adapter_up_v.weight.detach().t().clone()
+                expected.update(projection_value_matrix_down=(W, W // r), projection_value_matrix_up=(W // r, W))
+            state[p + "projection_query_matrix_128to128"] = a.adapter_q_dim.detach().clone()
+            state[p + "projection_query_matrix_32to32"] = a.adapter_q_head.detach().clone()
+            expected.update({"projection_gating_factor": (1,), "projection_rms_key.scale": (W,),
+                             "projection_rms_value.scale": (W,), "projection_key_matrix_down": (W, W // r),
+                             "projection_key_matrix_up": (W // r, W), "projection_query_matrix_128to128": (D, D),
+                             "projection_query_matrix_32to32": (H, H)})
+        assert {k[len(p):]: tuple(v.shape) for k, v in state.items() if k.startswith(p)} == expected
+    return state
