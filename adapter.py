@@ -130,18 +130,20 @@ def prefix_attention(q, k_p, v_p):
     q (B, H, T, D); k_p, v_p (1, G, L, D), shared across the batch."""
     B, H = q.shape[:2]
     k_p, v_p = k_p.expand(B, -1, -1, -1), v_p.expand(B, -1, -1, -1)  # views, no copy
-    return F.scaled_dot_product_attention(q, k_p, v_p, enable_gqa=k_p.shape[1] != H)
+    return unmasked_attention(q, k_p, v_p, enable_gqa=k_p.shape[1] != H)
 
 
-def attend_frames(q, k, v):
-    """scaled_dot_product_attention over the audio frames, no mask. On a CPU the fused kernel runs 2.7× slower
-    in bf16 than in fp32 at 1500 frames (forward + backward; bench/train_speed.py), so half-precision inputs
-    (or bf16 autocast) are computed in fp32 there and the result cast back; on GPUs the call is unchanged."""
+def unmasked_attention(q, k, v, enable_gqa=False):
+    """scaled_dot_product_attention with no mask (the prefix, the audio frames). On a CPU the fused kernel runs
+    slower in bf16 than in fp32 for these shapes (forward + backward: 2.7× at 1500 frames, 3× for the 10 prefix
+    positions; bench/train_speed.py), so half-precision inputs (or bf16 autocast) are computed in fp32 there and
+    the result cast back; on GPUs the call is unchanged."""
     half = q.dtype in (torch.bfloat16, torch.float16) or torch.is_autocast_enabled("cpu")
     if q.device.type != "cpu" or not half:
-        return F.scaled_dot_product_attention(q, k, v)
+        return F.scaled_dot_product_attention(q, k, v, enable_gqa=enable_gqa)
     with torch.autocast("cpu", enabled=False):
-        return F.scaled_dot_product_attention(q.float(), k.float(), v.float()).to(q.dtype)
+        y = F.scaled_dot_product_attention(q.float(), k.float(), v.float(), enable_gqa=enable_gqa)
+    return y.to(q.dtype)
 
 
 def whisper_attention(q: torch.Tensor, k_tail: torch.Tensor, v_tail: torch.Tensor) -> torch.Tensor:
@@ -156,7 +158,7 @@ def whisper_attention(q: torch.Tensor, k_tail: torch.Tensor, v_tail: torch.Tenso
     act together like one extra score of log(F - n)), and their output column d is the probability of frame d."""
     B, H, T, D = q.shape
     Hw, F_ = k_tail.shape[1:3]
-    y_real = attend_frames(q[:, :Hw], k_tail, v_tail)  # (B, Hw, T, D)
+    y_real = unmasked_attention(q[:, :Hw], k_tail, v_tail)  # (B, Hw, T, D)
     if H == Hw:
         return y_real
     n = min(F_, D)
