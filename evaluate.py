@@ -422,12 +422,12 @@ def rescoring_rows(data, split, ds, llm=None, device="cpu", tune_split="dev", pr
             f"LLM rescoring (LM + {weight:g}·Whisper, λ tuned on {tune_split})": rescore(ds.entries, scores, weight)}
 
 
-def default_adapters(out_root=ROOT / "out") -> list:
-    """[the best checkpoint of the latest training run under out_root], or [] when there is none. The same
-    choice as generate.py's default (the newest best.safetensors), so that both scripts use one adapter."""
-    from generate import find_latest_adapter
+def default_adapters() -> list:
+    """[the best checkpoint of the latest training run under out/, else the shipped demo adapter], or [] when
+    there is neither: generate.py's default (generate.default_adapter), so that both scripts use one adapter."""
+    from generate import default_adapter
 
-    latest = find_latest_adapter(out_root)
+    latest = default_adapter()
     if latest is None:
         return []
     try:

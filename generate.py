@@ -165,11 +165,21 @@ def continuation(tokenizer, prompt_ids: torch.Tensor, ids: torch.Tensor) -> str:
 # ----------------------------------------------------------------------------------------------------
 
 OUT = Path(__file__).resolve().parent / "out"
+# The demo adapter that ships with the repository: WL-M trained by train.py on the embedded models and the demo
+# corpus (its metadata records the command, the commit and the data); used when out/ holds no training run.
+DEMO_ADAPTER = Path(__file__).resolve().parent / "adapters" / "wl-m-demo.safetensors"
 
 
-def find_latest_adapter(root=OUT) -> Optional[Path]:
-    """The newest best.safetensors of a training run under out/ (else the newest adapter file there)."""
-    root = Path(root)
+def default_adapter() -> Optional[Path]:
+    """The adapter generate.py and evaluate.py use when none is given: the best checkpoint of the latest
+    training run under out/, else the shipped demo adapter, else None."""
+    return find_latest_adapter() or (DEMO_ADAPTER if DEMO_ADAPTER.is_file() else None)
+
+
+def find_latest_adapter(root=None) -> Optional[Path]:
+    """The newest best.safetensors of a training run under `root` (default out/), else the newest adapter file
+    there."""
+    root = Path(root or OUT)
     if not root.is_dir():
         return None
     best = sorted(root.rglob("best.safetensors"), key=lambda p: p.stat().st_mtime)
@@ -408,7 +418,7 @@ def run_audio(args) -> int:
     try:
         wl = tokenizer = hyp_model = hyp_tok = feat_model = None
         if any(not isinstance(i, tuple) for i in todo):  # models only when there is audio to read
-            adapter = args.adapter or find_latest_adapter()
+            adapter = args.adapter or default_adapter()
             meta = read_adapter_meta(adapter) if adapter and Path(adapter).suffix == ".safetensors" else {}
             hyp_model, hyp_tok = wm.load_whisper(args.whisper, device=args.device)
             feature_name = args.feature_whisper or meta.get("whisper") or args.whisper

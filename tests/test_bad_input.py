@@ -94,6 +94,7 @@ def speechlike(seconds, sr=SR, seed=0):
 def no_trained_adapter(monkeypatch, tmp_path_factory):
     """generate.py looks for the latest run under out/: point it at an empty folder, whatever the checkout holds."""
     monkeypatch.setattr(generate, "OUT", tmp_path_factory.mktemp("no-runs"))
+    monkeypatch.setattr(generate, "DEMO_ADAPTER", tmp_path_factory.mktemp("no-demo") / "none.safetensors")
 
 
 def generate_args(tiny, *extra):

@@ -269,19 +269,28 @@ def test_cli_errors_are_one_line(tmp_path, capsys):
         evaluate.load_split(empty, "test")
 
 
-def test_default_adapter_is_the_best_checkpoint_of_the_latest_run(tmp_path):
+def test_default_adapter_is_the_latest_run_else_the_shipped_demo(tmp_path, monkeypatch):
     import os
 
-    assert evaluate.default_adapters(tmp_path / "out") == []
+    import generate
+
+    out, demo = tmp_path / "out", tmp_path / "adapters" / "wl-m-demo.safetensors"
+    monkeypatch.setattr(generate, "OUT", out)
+    monkeypatch.setattr(generate, "DEMO_ADAPTER", demo)
+    assert evaluate.default_adapters() == []
+    demo.parent.mkdir()
+    demo.write_bytes(b"x")
+    assert evaluate.default_adapters() == [demo]  # no training run: the shipped demo adapter
     for run, mtime in {"wl-m": 100, "wl-s": 300, "wl-l": 200}.items():
-        (tmp_path / "out" / run).mkdir(parents=True)
+        (out / run).mkdir(parents=True)
         for name, age in (("best", 0), ("last", 50)):  # last.safetensors is written after best
-            ckpt = tmp_path / "out" / run / f"{name}.safetensors"
+            ckpt = out / run / f"{name}.safetensors"
             ckpt.write_bytes(b"x")
             os.utime(ckpt, (mtime + age, mtime + age))
-    assert evaluate.default_adapters(tmp_path / "out") == [tmp_path / "out" / "wl-s" / "best.safetensors"]
-    os.utime(tmp_path / "out" / "wl-m" / "best.safetensors", (400, 400))
-    assert evaluate.default_adapters(tmp_path / "out") == [tmp_path / "out" / "wl-m" / "best.safetensors"]
+    assert evaluate.default_adapters() == [out / "wl-s" / "best.safetensors"]  # a training run comes first
+    os.utime(out / "wl-m" / "best.safetensors", (400, 400))
+    assert evaluate.default_adapters() == [out / "wl-m" / "best.safetensors"]
+    assert generate.default_adapter() == out / "wl-m" / "best.safetensors"
 
 
 # ----------------------------------------------------------------------------------------------------

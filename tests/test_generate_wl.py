@@ -205,6 +205,7 @@ def test_a_65_s_clip_is_corrected_window_by_window_and_joined(tmp_path, monkeypa
 ])
 def test_audio_cli_errors_are_one_line(tmp_path, monkeypatch, capsys, embedded_whisper_dir, case, message):
     monkeypatch.setattr(G, "OUT", tmp_path / "no-runs")  # no trained adapter to find
+    monkeypatch.setattr(G, "DEMO_ADAPTER", tmp_path / "no-demo.safetensors")
     wav = tmp_path / "a.wav"
     sf.write(wav, (0.1 * np.random.default_rng(0).standard_normal(16000)).astype(np.float32), 16000)
     (tmp_path / "empty").mkdir()
@@ -234,6 +235,7 @@ def test_cli_without_adapter_prints_whisper_one_best(tmp_path, embedded_whisper_
     sf.write(wav, audio, sr)
     empty_out = tmp_path / "out"
     env_code = ("import sys, generate; generate.OUT = __import__('pathlib').Path(sys.argv[1]); "
+                "generate.DEMO_ADAPTER = generate.OUT / 'none.safetensors'; "
                 "sys.argv = ['generate.py', '--audio', sys.argv[2], '--whisper', sys.argv[3], '--json']; "
                 "generate.main()")
     r = subprocess.run([sys.executable, "-c", env_code, str(empty_out), str(wav), str(embedded_whisper_dir)],
