@@ -592,6 +592,56 @@ def build_demo_corpus(out_dir, n=3000, seed=0, limit=None, progress=True) -> Pat
     return manifest
 
 
+# Held-out demo utterances: the demo's domain, but sentences written by hand that its grammar never produces
+# (tests/test_prepare_data.py checks) and a voice that it never uses. They measure whether an adapter trained
+# on the demo corpus generalises beyond the grammar's sentences and voices (python prepare_data.py --heldout).
+HELDOUT_SENTENCES = [
+    "Could you tell me which flights leave Boston for Denver tomorrow morning?",
+    "I have to be in Chicago by 9 a.m. on Friday.",
+    "Are there any seats left on the evening flight to Seattle?",
+    "My sister wants to fly from Atlanta to Miami next Sunday.",
+    "Please find a cheap flight from Dallas to Phoenix for two people.",
+    "Which airline has the most flights between New York and Washington?",
+    "I'd rather take a morning flight from Houston to San Francisco.",
+    "How long is the flight from Philadelphia to Los Angeles?",
+    "Do any flights from Pittsburgh to Baltimore leave after 8 p.m.?",
+    "We need a rental car at Denver airport on Monday.",
+    "Is lunch included on the flight from Detroit to Orlando?",
+    "Can you book me on the first flight out of Boston on Thursday?",
+    "What is the total price of a round trip from Oakland to Las Vegas?",
+    "I am looking for a direct flight from Minneapolis to Salt Lake City.",
+    "Tell me the departure times of United flights from Chicago to Newark.",
+    "Which flights to Memphis stop in Nashville?",
+    "Does the airport shuttle run from Dulles to downtown Washington at night?",
+    "Do children flying with two adults to Tampa get a discount?",
+    "What gate does the Delta flight to Atlanta leave from?",
+    "Are there cheaper fares if I fly on Wednesday instead of Friday?",
+    "I want to change my flight from Cleveland to Indianapolis to the afternoon.",
+    "How many stops does the cheapest flight from Seattle to Boston make?",
+    "Could I get a window seat on the 7 a.m. flight to Denver?",
+    "Show me evening flights from San Diego to Portland on American Airlines.",
+]
+HELDOUT_VOICE = "en-us+f4"  # not in DEMO_VOICES
+
+
+def build_heldout_corpus(out_dir, seed=0, progress=True) -> Path:
+    """Synthesise the held-out demo utterances (split "test") under out_dir, as build_demo_corpus does, in the
+    unseen voice. Returns the manifest path."""
+    out_dir = Path(out_dir)
+    rows = []
+    for i, text in enumerate(HELDOUT_SENTENCES):
+        utt_id = f"heldout-{i:03d}"
+        settings = {**demo_utterance_settings(utt_id, seed), "voice": HELDOUT_VOICE}
+        rows.append({"id": utt_id, "audio": f"audio/{utt_id}.flac", "text": text, "split": "test", **settings})
+    for row in tqdm(rows, desc="synthesising held-out utterances", unit="utt", disable=not progress):
+        path = out_dir / row["audio"]
+        if not path.exists():
+            _write_audio_atomic(path, render_demo_utterance(row["text"], row), DEMO_SAMPLE_RATE)
+    manifest = out_dir / "manifest.jsonl"
+    _write_text_atomic(manifest, "".join(json.dumps(r) + "\n" for r in rows))
+    return manifest
+
+
 # ----------------------------------------------------------------------------------------------------
 # Inputs: manifests (JSONL / CSV / TSV), folders of audio + transcripts, HyPoradise-style n-best JSON
 # ----------------------------------------------------------------------------------------------------
@@ -1222,6 +1272,9 @@ def main(argv=None):
                              + ". Changing it (or --keep, --keep-ground-truth, --llm) on a prepared folder "
                                "re-derives the lists from the stored samples without sampling again")
     parser.add_argument("--limit", type=int, help="at most this many utterances of each split")
+    parser.add_argument("--heldout", action="store_true",
+                        help="instead of the demo corpus: its held-out test set (hand-written in-domain sentences the "
+                             "grammar never produces, in a voice it never uses) → data/demo-heldout")
     parser.add_argument("--demo-size", type=int, default=3000, help="sentences in the demo corpus (80/10/10 split)")
     parser.add_argument("--batch-size", type=int, default=8, help="clips per encoder batch")
     parser.add_argument("--chunk-size", type=int, default=32, help="utterances per commit and feature shard")
@@ -1236,7 +1289,10 @@ def main(argv=None):
     try:
         if args.limit is not None and args.limit < 1:
             raise InputError("--limit must be at least 1")
-        if args.manifest is None:
+        if args.heldout:
+            out = Path(args.out or DATA / "demo-heldout")
+            utterances = read_manifest(build_heldout_corpus(out, args.seed))
+        elif args.manifest is None:
             out = Path(args.out or DATA / "demo")
             manifest = build_demo_corpus(out, args.demo_size, args.seed, args.limit)
             utterances = read_manifest(manifest)

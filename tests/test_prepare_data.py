@@ -655,3 +655,13 @@ def test_changing_the_form_rederives_without_sampling(tmp_path, llm_tokenizer, m
     np.testing.assert_array_equal(item["audio_features"].numpy(), f0[0])  # features untouched
     with pytest.raises(prepare_data.PrepareError, match="other settings"):  # sampling settings still refuse
         prepare_data.prepare(utts, tmp_path, prepare_data.PrepareConfig(keep=3, samples=7), progress=False)
+
+
+def test_heldout_sentences_are_new_to_the_grammar_and_the_voice_unseen():
+    grammar = set(prepare_data.demo_sentences(3000, 0))
+    assert len(set(prepare_data.HELDOUT_SENTENCES)) == len(prepare_data.HELDOUT_SENTENCES) >= 20
+    assert not grammar & set(prepare_data.HELDOUT_SENTENCES)
+    # not even a template's opening words: no held-out sentence starts like a template does (2 words or more)
+    starts = {t.split("{")[0].strip() for t in prepare_data.TEMPLATES if len(t.split("{")[0].split()) >= 2}
+    assert not [s for s in prepare_data.HELDOUT_SENTENCES if any(s.startswith(p + " ") for p in starts)]
+    assert prepare_data.HELDOUT_VOICE not in prepare_data.DEMO_VOICES
