@@ -583,7 +583,13 @@ def build_demo_corpus(out_dir, n=3000, seed=0, limit=None, progress=True) -> Pat
             utt_id = f"{split}-{i:05d}"
             rows.append({"id": utt_id, "audio": f"audio/{split}/{utt_id}.flac", "text": text, "split": split,
                          **demo_utterance_settings(utt_id, seed)})
-    for row in tqdm(rows, desc="synthesising demo corpus", unit="utt", disable=not progress):
+    return _synthesise(out_dir, rows, "synthesising demo corpus", progress)
+
+
+def _synthesise(out_dir: Path, rows, desc, progress) -> Path:
+    """Speak every row (its text and settings) into out_dir/<row audio> unless that file exists, then write
+    the manifest. Returns its path."""
+    for row in tqdm(rows, desc=desc, unit="utt", disable=not progress):
         path = out_dir / row["audio"]
         if not path.exists():
             _write_audio_atomic(path, render_demo_utterance(row["text"], row), DEMO_SAMPLE_RATE)
@@ -633,13 +639,7 @@ def build_heldout_corpus(out_dir, seed=0, progress=True) -> Path:
         utt_id = f"heldout-{i:03d}"
         settings = {**demo_utterance_settings(utt_id, seed), "voice": HELDOUT_VOICE}
         rows.append({"id": utt_id, "audio": f"audio/{utt_id}.flac", "text": text, "split": "test", **settings})
-    for row in tqdm(rows, desc="synthesising held-out utterances", unit="utt", disable=not progress):
-        path = out_dir / row["audio"]
-        if not path.exists():
-            _write_audio_atomic(path, render_demo_utterance(row["text"], row), DEMO_SAMPLE_RATE)
-    manifest = out_dir / "manifest.jsonl"
-    _write_text_atomic(manifest, "".join(json.dumps(r) + "\n" for r in rows))
-    return manifest
+    return _synthesise(out_dir, rows, "synthesising held-out utterances", progress)
 
 
 # ----------------------------------------------------------------------------------------------------
