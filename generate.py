@@ -197,6 +197,21 @@ def find_latest_adapter(root=None) -> Optional[Path]:
     return files[-1] if files else None
 
 
+def say(text: str) -> Path:
+    """out/say/<hash of text>.flac: `text` spoken by eSpeak NG as a held-out demo utterance (a voice the demo
+    corpus never uses, mild noise), made once."""
+    import hashlib
+
+    from prepare_data import DEMO_SAMPLE_RATE, HELDOUT_VOICE, _write_audio_atomic, demo_utterance_settings, \
+        render_demo_utterance
+
+    path = OUT / "say" / f"{hashlib.sha1(text.encode()).hexdigest()[:12]}.flac"
+    if not path.exists():
+        settings = {**demo_utterance_settings(path.stem), "voice": HELDOUT_VOICE}
+        _write_audio_atomic(path, render_demo_utterance(text, settings), DEMO_SAMPLE_RATE)
+    return path
+
+
 # Adapter settings a user may give when the file leaves them open (a file that fixes them refuses others).
 ADAPTER_FLAGS = {"kv_layout": "--kv-layout", "variant": "--variant", "adapter_prompt_length": "--prompt-length",
                  "adapter_start_layer": "--start-layer", "hypotheses": "--hypotheses"}
@@ -482,6 +497,9 @@ def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--audio", nargs="+", default=None,
                         help="audio file(s), folder(s) or manifest(s) to transcribe and correct")
+    parser.add_argument("--say", default=None, metavar="TEXT",
+                        help="speak TEXT with eSpeak NG (the demo's held-out voice, mild noise) into out/say/ and "
+                             "correct that: a real clip to try with no audio file at hand")
     parser.add_argument("--prompt", default=None, help="without --audio: text for the plain LLM to continue "
                                                        "(or, with --chat, the user's message)")
     parser.add_argument("--adapter", type=Path, default=None,
@@ -525,6 +543,10 @@ def main(argv=None):
         parser.error("--temperature must be >= 0")
     if args.top_k is not None and args.top_k < 1:
         parser.error("--top-k must be at least 1")
+    if args.say is not None:
+        if args.audio is not None or not args.say.strip():
+            parser.error("--say takes a non-empty text, instead of --audio")
+        args.audio = [str(say(args.say))]
     if (args.audio is None) == (args.prompt is None):
         parser.error("give --audio (correct a transcript) or --prompt (plain LLM), not both or neither")
     if args.out is not None and args.audio is None:

@@ -305,3 +305,18 @@ def test_flags_fill_what_a_file_leaves_open_and_never_contradict_it(tiny, tmp_pa
     loaded, _ = G.load_wl(bare, llm=llm_dir, whisper=whisper, kv_layout="paper", hypotheses="reference")
     assert (loaded.config.kv_layout, loaded.config.variant, loaded.hypothesis_form) == ("paper", "S", "reference")
     assert G.load_wl(bare, llm=llm_dir, whisper=whisper)[0].config.kv_layout == "heads"
+
+
+def test_say_speaks_the_text_once_and_corrects_that_clip(tmp_path, monkeypatch):
+    monkeypatch.setattr(G, "OUT", tmp_path / "out")
+    seen = []
+    monkeypatch.setattr(G, "run_audio", lambda args: seen.append(list(args.audio)) or [])
+    G.main(["--say", "Show me flights from Boston to Denver."])
+    (path,) = seen[0]
+    audio, sr = sf.read(path)
+    assert sr == 16000 and 1.5 < len(audio) / sr < 6 and np.abs(audio).max() > 0.1  # speech, not silence
+    mtime = Path(path).stat().st_mtime_ns
+    G.main(["--say", "Show me flights from Boston to Denver."])
+    assert seen[1] == [path] and Path(path).stat().st_mtime_ns == mtime  # made once
+    with pytest.raises(SystemExit):
+        G.main(["--say", "  "])
