@@ -90,11 +90,14 @@ def speechlike(seconds, sr=SR, seed=0):
     return (0.5 * x / np.abs(x).max()).astype(np.float32)
 
 
-@pytest.fixture(autouse=True)
-def no_trained_adapter(monkeypatch, tmp_path_factory):
-    """generate.py looks for the latest run under out/: point it at an empty folder, whatever the checkout holds."""
-    monkeypatch.setattr(generate, "OUT", tmp_path_factory.mktemp("no-runs"))
-    monkeypatch.setattr(generate, "DEMO_ADAPTER", tmp_path_factory.mktemp("no-demo") / "none.safetensors")
+@pytest.fixture(autouse=True, scope="module")
+def no_trained_adapter(tmp_path_factory):
+    """generate.py looks for the latest run under out/, then the shipped demo adapter: point both at nothing,
+    whatever the checkout holds (module-wide, so that module fixtures such as good_alone see it too)."""
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(generate, "OUT", tmp_path_factory.mktemp("no-runs"))
+        mp.setattr(generate, "DEMO_ADAPTER", tmp_path_factory.mktemp("no-demo") / "none.safetensors")
+        yield
 
 
 def generate_args(tiny, *extra):
