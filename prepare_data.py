@@ -1049,8 +1049,10 @@ def _encode(model, audios):
     return model.embed_audio(log_mel_spectrogram(batch, n_mels=model.dims.n_mels))
 
 
-def _process_chunk(utts, models: _Models, cfg: PrepareConfig, chunk: int, progress):
-    """Everything for one chunk of utterances. Returns (features (rows, F, W) float16 or None, index lines)."""
+def _process_chunk(utts, models: _Models, cfg: PrepareConfig, chunk: int, progress, known=None):
+    """Everything for one chunk of utterances. Returns (features (rows, F, W) float16 or None, index lines).
+    known: {id: {"text", "temperatures", "samples"}} sampled before with the same settings (read_samples)."""
+    known = known or {}
     from whisper_model import SAMPLE_RATE, decode_greedy, sample_candidates
 
     checked = [(u, *_check_utterance(u)) for u in utts]
@@ -1066,6 +1068,8 @@ def _process_chunk(utts, models: _Models, cfg: PrepareConfig, chunk: int, progre
             for j, (u, audio) in enumerate(batch):
                 if u.nbest is not None:  # given with the input (HyPoradise): no log-probabilities
                     drawn = {"temperatures": [], "samples": [(h, None, 1) for h in u.nbest]}
+                elif known.get(u.id, {}).get("text") == u.text.strip():  # sampled before: the slow part, skipped
+                    drawn = known[u.id]
                 else:
                     drawn = sample_candidates(models.nbest, models.whisper_tokenizer, feats[j: j + 1],
                                               n_samples=cfg.samples, temperature=cfg.temperature,
@@ -1157,9 +1161,12 @@ def rederive(out_dir, cfg: PrepareConfig, tokenizer=None):
     _write_text_atomic(out_dir / "meta.json", json.dumps(cfg.settings(), indent=2) + "\n")
 
 
-def prepare(utterances, out_dir, cfg: PrepareConfig = PrepareConfig(), limit=None, progress=True) -> dict:
+def prepare(utterances, out_dir, cfg: PrepareConfig = PrepareConfig(), limit=None, progress=True,
+            samples_from=None) -> dict:
     """Prepare `utterances` into out_dir, resuming where an earlier run stopped. Returns summary(out_dir).
-    limit: at most this many utterances of each split."""
+    limit: at most this many utterances of each split. samples_from: a file written by export_samples, whose
+    samples stand in for sampling the utterances it holds (same sampling settings required)."""
+    known = read_samples(samples_from, cfg) if samples_from else None
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     if _check_meta(out_dir, cfg):
@@ -1184,12 +1191,59 @@ def prepare(utterances, out_dir, cfg: PrepareConfig = PrepareConfig(), limit=Non
             for split, (next_chunk, utts) in todo.items():
                 for c in range(0, len(utts), cfg.chunk_size):
                     chunk = next_chunk + c // cfg.chunk_size
-                    features, lines = _process_chunk(utts[c: c + cfg.chunk_size], models, cfg, chunk, bar)
+                    features, lines = _process_chunk(utts[c: c + cfg.chunk_size], models, cfg, chunk, bar, known)
                     _commit_chunk(out_dir / split, chunk, features, lines)
     result = summary(out_dir)
     for split, n in duplicates.items():
         result.setdefault(split, {"utterances": 0, "skipped": {}})["skipped"]["duplicate id"] = n
     return result
+
+
+# What decides the samples themselves; a samples file is usable only with the same values.
+SAMPLING_SETTINGS = ("nbest_model", "seed", "samples", "temperature")
+
+
+def export_samples(out_dir, path) -> int:
+    """Write every prepared utterance's raw samples (with the sampling settings in a first line) to `path`, a
+    JSONL file, xz-compressed when it ends in .xz: the expensive part of preparing, small enough to keep (900
+    demo utterances: 1.4 MB), so that another machine prepares the folder again without sampling
+    (prepare(..., samples_from=path)). Returns the number of utterances written."""
+    import lzma
+
+    out_dir, path = Path(out_dir), Path(path)
+    settings = json.loads((out_dir / "meta.json").read_text())
+    lines = [json.dumps({"settings": {k: settings[k] for k in SAMPLING_SETTINGS}})]
+    for index in sorted(out_dir.glob("*/index.jsonl")):
+        for e in _read_index(index):
+            if "samples" in e and "skipped" not in e:
+                lines.append(json.dumps({k: e[k] for k in ("id", "split", "text", "temperatures", "samples")},
+                                        ensure_ascii=False))
+    data = ("\n".join(lines) + "\n").encode()
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_bytes(lzma.compress(data) if path.suffix == ".xz" else data)
+    os.replace(tmp, path)
+    return len(lines) - 1
+
+
+def read_samples(path, cfg: PrepareConfig) -> dict:
+    """{id: {"text", "temperatures", "samples"}} from a file written by export_samples; refused (one line) when it
+    was sampled with other settings than cfg's."""
+    import lzma
+
+    path = Path(path)
+    try:
+        raw = path.read_bytes()
+        lines = (lzma.decompress(raw) if path.suffix == ".xz" else raw).decode("utf-8").splitlines()
+        header = json.loads(lines[0])["settings"]
+        entries = [json.loads(line) for line in lines[1:] if line.strip()]
+    except (OSError, lzma.LZMAError, UnicodeDecodeError, ValueError, KeyError, IndexError) as e:
+        raise PrepareError(f"{path}: not a samples file written by --export-samples ({type(e).__name__})") from None
+    wanted = {k: cfg.settings()[k] for k in SAMPLING_SETTINGS}
+    if header != wanted:
+        other = [k for k in SAMPLING_SETTINGS if header.get(k) != wanted[k]]
+        raise PrepareError(f"{path} was sampled with other settings ({', '.join(other)}): {header}")
+    return {e["id"]: {"text": e["text"], "temperatures": e["temperatures"],
+                      "samples": [tuple(s) for s in e["samples"]]} for e in entries}
 
 
 def summary(out_dir) -> dict:
@@ -1272,6 +1326,11 @@ def main(argv=None):
                              + ". Changing it (or --keep, --keep-ground-truth, --llm) on a prepared folder "
                                "re-derives the lists from the stored samples without sampling again")
     parser.add_argument("--limit", type=int, help="at most this many utterances of each split")
+    parser.add_argument("--export-samples", metavar="FILE",
+                        help="write the prepared --out folder's raw samples to FILE (.jsonl, or .jsonl.xz) and exit")
+    parser.add_argument("--samples-from", metavar="FILE",
+                        help="use the samples in FILE (from --export-samples, same sampling settings) instead of "
+                             "sampling the utterances it holds: the folder is prepared again without the slow part")
     parser.add_argument("--heldout", action="store_true",
                         help="instead of the demo corpus: its held-out test set (hand-written in-domain sentences the "
                              "grammar never produces, in a voice it never uses) → data/demo-heldout")
@@ -1289,6 +1348,13 @@ def main(argv=None):
     try:
         if args.limit is not None and args.limit < 1:
             raise InputError("--limit must be at least 1")
+        if args.export_samples:
+            out = Path(args.out or DATA / "demo")
+            if not (out / "meta.json").is_file():
+                raise InputError(f"{out} is not a prepared folder (no meta.json)")
+            n = export_samples(out, args.export_samples)
+            print(f"wrote the samples of {n} utterances to {args.export_samples}")
+            return
         if args.heldout:
             out = Path(args.out or DATA / "demo-heldout")
             utterances = read_manifest(build_heldout_corpus(out, args.seed))
@@ -1299,7 +1365,7 @@ def main(argv=None):
         else:
             out = Path(args.out or DATA / Path(args.manifest).name.split(".")[0])
             utterances = read_inputs(args.manifest, args.split, args.audio_dir)
-        result = prepare(utterances, out, cfg, limit=args.limit)
+        result = prepare(utterances, out, cfg, limit=args.limit, samples_from=args.samples_from)
     except (InputError, SynthesisError, PrepareError, OSError, ValueError) as e:
         print(f"error: {str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__}", file=sys.stderr)
         sys.exit(1)

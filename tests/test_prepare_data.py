@@ -665,3 +665,23 @@ def test_heldout_sentences_are_new_to_the_grammar_and_the_voice_unseen():
     starts = {t.split("{")[0].strip() for t in prepare_data.TEMPLATES if len(t.split("{")[0].split()) >= 2}
     assert not [s for s in prepare_data.HELDOUT_SENTENCES if any(s.startswith(p + " ") for p in starts)]
     assert prepare_data.HELDOUT_VOICE not in prepare_data.DEMO_VOICES
+
+
+@pytest.mark.slow
+def test_exported_samples_prepare_the_folder_again_without_sampling(e2e_manifest, e2e_prepared, e2e_models,
+                                                                     tmp_path, monkeypatch):
+    import whisper_model
+
+    reference, _ = e2e_prepared
+    samples = tmp_path / "samples.jsonl.xz"
+    assert prepare_data.export_samples(reference, samples) == 3
+
+    def no_sampling(*a, **k):
+        raise AssertionError("the samples file holds every utterance: nothing to sample")
+
+    monkeypatch.setattr(whisper_model, "sample_candidates", no_sampling)
+    utts = prepare_data.read_inputs(e2e_manifest)
+    prepare_data.prepare(utts, tmp_path / "again", _e2e_config(e2e_models), progress=False, samples_from=samples)
+    assert _files(tmp_path / "again") == _files(reference)  # index and features, byte for byte
+    with pytest.raises(prepare_data.PrepareError, match=r"other settings \(seed\)"):
+        prepare_data.prepare(utts, tmp_path / "other", _e2e_config(e2e_models, seed=1), progress=False, samples_from=samples)
