@@ -444,7 +444,7 @@ def run_audio(args) -> int:
                       "printing the Whisper 1-best, not a correction", file=sys.stderr)
             else:
                 wl, tokenizer = load_wl(adapter, llm=args.llm, whisper=feat_model, device=args.device,
-                                        **adapter_requests(args))
+                                        dtype=getattr(torch, args.dtype), **adapter_requests(args))
         n_failed = 0
         for item in tqdm(todo, desc="correcting", unit="file", disable=len(todo) < 2):
             if isinstance(item, tuple):  # a folder without audio, a manifest that cannot be read
