@@ -442,6 +442,8 @@ def run_audio(args) -> int:
             if adapter is None:
                 print("notice: no trained adapter found (train one with train.py, or pass --adapter); "
                       "printing the Whisper 1-best, not a correction", file=sys.stderr)
+                if args.explain or args.explain_dir:
+                    print("notice: no adapter, so no correction to explain (--explain)", file=sys.stderr)
             else:
                 wl, tokenizer = load_wl(adapter, llm=args.llm, whisper=feat_model, device=args.device,
                                         **adapter_requests(args))
@@ -454,6 +456,12 @@ def run_audio(args) -> int:
             path = item
             try:
                 r = transcribe_and_correct(path, hyp_model, hyp_tok, feat_model, wl, tokenizer, args)
+                if wl is not None and (args.explain or args.explain_dir):  # a second, explicit pass (explain.py)
+                    import explain
+
+                    png = args.explain or explain_path(args.explain_dir, path, items)
+                    explain.explain_file(path, r, wl, tokenizer, feat_model, png, args.max_new_tokens,
+                                         args.explain_layer)
             except (wm.AudioError, GenerateError) as e:  # this file only: report it, go on with the next
                 fail(path, str(e).removeprefix(f"{path}: "))
                 n_failed += 1
@@ -472,6 +480,13 @@ def run_audio(args) -> int:
     finally:
         if sink is not None:
             sink.close()
+
+
+def explain_path(folder: Path, path: Path, items: list) -> Path:
+    """--explain-dir: <folder>/<file name>.png, or with its parent folders' names when two inputs share a name."""
+    names = [Path(i).stem for i in items if not isinstance(i, tuple)]
+    stem = path.stem if names.count(path.stem) < 2 else "_".join(path.with_suffix("").parts[-3:])
+    return Path(folder) / f"{stem}.png"
 
 
 def run_text(args) -> str:
@@ -521,6 +536,15 @@ def main(argv=None):
                         help="with --audio: also append each file's JSON object to this file as soon as it is done; "
                              "a rerun with the same --out skips the files already there and retries the failed "
                              "ones (resume after an interruption; use a new file for other settings)")
+    g = parser.add_argument_group("looking inside a correction (explain.py)")
+    g.add_argument("--explain", type=Path, default=None, metavar="PNG",
+                   help="with one audio file: draw where each corrected token listened (AiW over the audio frames, "
+                        "above the log-mel), what it read (its self-attention over the n-best lines) and the gates, "
+                        "to PNG, and the same numbers to a .json beside it")
+    g.add_argument("--explain-dir", type=Path, default=None, metavar="DIR",
+                   help="as --explain, one <name>.png + .json per audio file in DIR")
+    g.add_argument("--explain-layer", type=int, default=None, metavar="N",
+                   help="draw adapter layer N only, instead of the average over the adapter layers")
     add_adapter_flags(parser)
     parser.add_argument("--checkpoint-dir", type=Path, default=None,
                         help="converted LLM checkpoint folder (default: the embedded SmolLM2-135M-Instruct)")
@@ -551,6 +575,12 @@ def main(argv=None):
         parser.error("give --audio (correct a transcript) or --prompt (plain LLM), not both or neither")
     if args.out is not None and args.audio is None:
         parser.error("--out goes with --audio")
+    if (args.explain or args.explain_dir or args.explain_layer is not None) and args.audio is None:
+        parser.error("--explain, --explain-dir and --explain-layer go with --audio or --say")
+    if args.explain and args.explain_dir:
+        parser.error("give --explain (one file) or --explain-dir (many), not both")
+    if args.explain and (len(args.audio) > 1 or Path(args.audio[0]).is_dir()):
+        parser.error("--explain writes one figure: for several files use --explain-dir")
     torch.manual_seed(args.seed)
     try:
         if args.audio is not None:
