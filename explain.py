@@ -187,8 +187,8 @@ def literal_pass(model, ids, audio=None, audio_frames=None, rows=None, keep_hidd
 # ----------------------------------------------------------------------------------------------------
 
 def prompt_segments(tokenizer, hypotheses, prompt_ids) -> list:
-    """[(name, start, end)] token spans of the prompt as generate.correct builds it: "instruction" (BOS and the
-    Alpaca header up to "### Input:"), "hyp 1" ... "hyp n" (each line with its newline), "response cue" (the blank
+    """[(name, start, end)] token spans of the prompt as generate.correct builds it: "BOS" (position 0, where many
+    heads put the attention they do not need elsewhere), "instruction" (the Alpaca header up to "### Input:"), "hyp 1" ... "hyp n" (each line with its newline), "response cue" (the blank
     line and "### Response:"). A boundary is the length of the token ids of the prompt text up to it, encoded
     the same way (BOS, ordinary text), which must be a prefix of the whole prompt's ids; were a token ever to
     straddle a boundary it is counted in the later part."""
@@ -210,8 +210,8 @@ def prompt_segments(tokenizer, hypotheses, prompt_ids) -> list:
         while n < min(len(enc), len(ids)) and enc[n] == ids[n]:
             n += 1
         bounds.append(n)
-    names = ["instruction"] + [f"hyp {i + 1}" for i in range(len(hypotheses))] + ["response cue"]
-    edges = [0] + bounds + [len(ids)]
+    names = ["BOS", "instruction"] + [f"hyp {i + 1}" for i in range(len(hypotheses))] + ["response cue"]
+    edges = [0, 1] + bounds + [len(ids)]  # BOS on its own: most heads park most of their attention on it
     return [(name, a, b) for name, a, b in zip(names, edges[:-1], edges[1:])]
 
 
@@ -343,15 +343,16 @@ def draw(expl: dict, path, mel=None, title=""):
         ax_lis.set_yticks([])
         ax_mel.set_visible(False)
     else:
-        a = np.array(lis["drawn"])
+        a = np.array(lis["drawn"]) * lis["frames"]  # against uniform attention: 1 = every frame alike
         seconds = lis["frames"] * lis["frame_seconds"]
-        shown = a / np.maximum(a.max(axis=1, keepdims=True), 1e-30)  # each row against its own peak
-        im = ax_lis.imshow(shown, aspect="auto", cmap="magma", interpolation="nearest",
+        norm = matplotlib.colors.TwoSlopeNorm(vcenter=1.0, vmin=min(a.min(), 0.99), vmax=max(a.max(), 1.01))
+        im = ax_lis.imshow(a, aspect="auto", cmap="RdBu_r", norm=norm, interpolation="nearest",
                            extent=(0, seconds, R - 0.5, -0.5))
         ax_lis.set_yticks(range(R), labels, fontsize=8)
-        ax_lis.set_title(f"Listening: AiW attention over the audio, Whisper heads averaged, {which} "
-                         f"(each row / its max)", fontsize=10)
-        fig.colorbar(im, ax=ax_lis, fraction=0.02, pad=0.01)
+        ax_lis.set_title(f"Listening: AiW attention over the audio frames, Whisper heads averaged, {which}",
+                         fontsize=10)
+        fig.colorbar(im, ax=ax_lis, fraction=0.02, pad=0.01).set_label("× uniform (1 = all frames alike)",
+                                                                       fontsize=8)
         if mel is not None:
             m = np.asarray(mel)[:, : int(round(seconds / 0.01))]
             ax_mel.imshow(m, aspect="auto", origin="lower", cmap="viridis", extent=(0, seconds, 0, m.shape[0]))
@@ -368,24 +369,30 @@ def draw(expl: dict, path, mel=None, title=""):
                         "attention lies after it", color="cyan", va="top", fontsize=8)
         ax_lis.set_xlim(0, seconds)
 
+    ax_hyps = fig.add_subplot(gs[1, 1])  # the n-best lines, so the reading columns can be read
+    ax_hyps.axis("off")
+    lines = [f"hyp {i + 1}: {h[:70]}" for i, h in enumerate(expl["hypotheses"])]
+    ax_hyps.text(0, 1, "\n".join(lines), va="top", fontsize=6, family="monospace", transform=ax_hyps.transAxes)
+
     # 2. Reading: where the self-attention went.
     r = np.array(read["drawn"])
-    ax_read.imshow(r, aspect="auto", cmap="Blues", vmin=0, vmax=max(r.max(), 1e-9), interpolation="nearest")
+    ax_read.imshow(r, aspect="auto", cmap="Blues", norm=matplotlib.colors.PowerNorm(0.5, 0, max(r.max(), 1e-9)),
+                   interpolation="nearest")  # square-root colours: a 2% hypothesis line still shows
     ax_read.set_xticks(range(len(read["parts"])), read["parts"], rotation=60, ha="right", fontsize=7)
     ax_read.set_yticks(range(R), labels, fontsize=8)
     ax_read.set_title(f"Reading: share of self-attention ({which})", fontsize=10)
     for (i, j), v in np.ndenumerate(r):
-        if v >= 0.1:
+        if v >= 0.05:
             ax_read.text(j, i, f"{v:.2f}"[1:] if v < 1 else "1", ha="center", va="center", fontsize=6,
-                         color="white" if v > 0.5 * r.max() else "black")
+                         color="white" if v > 0.4 * r.max() else "black")
 
     # 3. Gates, and how much each branch counted for this clip.
     layers = expl["layers"]
     x = np.arange(len(layers))
     gL, gW = expl["gates"]["gate_L"], expl["gates"]["gate_W"]
-    ax_gate.bar(x - 0.2, gL, 0.4, label="gate_L (prefix, AiL)")
+    ax_gate.bar(x - 0.2, gL, 0.4, label=f"gate_L (prefix, AiL; largest |gate_L| {max(map(abs, gL)):.3g})")
     if gW is not None:
-        ax_gate.bar(x + 0.2, gW, 0.4, label="gate_W (audio, AiW)")
+        ax_gate.bar(x + 0.2, gW, 0.4, label=f"gate_W (audio, AiW; {min(gW):.3g} to {max(gW):.3g})")
     ax_gate.axhline(0, color="black", lw=0.5)
     ax_gate.set_xticks(x, layers, fontsize=7)
     ax_gate.set(xlabel="adapter layer", title="gates per adapter layer")
@@ -414,6 +421,9 @@ def write_atomic(path, data: bytes):
     try:
         with os.fdopen(fd, "wb") as f:
             f.write(data)
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes it private; the result is an ordinary file
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):
@@ -425,7 +435,18 @@ def write(expl: dict, png, mel=None, title=""):
     """png and the same numbers as JSON beside it (png with .json)."""
     png = Path(png)
     draw(expl, png, mel, title)
-    write_atomic(png.with_suffix(".json"), json.dumps(expl, ensure_ascii=False).encode())
+    write_atomic(png.with_suffix(".json"), json.dumps(rounded(expl), ensure_ascii=False).encode())
+
+
+def rounded(x, digits=6):
+    """Floats to `digits` significant digits (the JSON of a long clip stays small; float32 carries ~7)."""
+    if isinstance(x, float):
+        return float(f"{x:.{digits}g}")
+    if isinstance(x, dict):
+        return {k: rounded(v, digits) for k, v in x.items()}
+    if isinstance(x, list):
+        return [rounded(v, digits) for v in x]
+    return x
 
 
 # ----------------------------------------------------------------------------------------------------
