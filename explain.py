@@ -340,6 +340,7 @@ def draw(expl: dict, path, mel=None, title=""):
     if lis is None:
         ax_lis.text(0.5, 0.5, "text-only adapter: no audio branch (AiW), nothing listened to", ha="center",
                     va="center", transform=ax_lis.transAxes, fontsize=12)
+        ax_lis.set_xticks([])
         ax_lis.set_yticks([])
         ax_mel.set_visible(False)
     else:

@@ -415,6 +415,9 @@ def run_audio(args) -> int:
     from tqdm import tqdm
 
     items = audio_inputs(args.audio)
+    if args.explain and len(items) > 1:  # e.g. a manifest
+        raise GenerateError(f"--explain writes one figure and {args.audio[0]} holds {len(items)} files: "
+                            "use --explain-dir")
     out = args.out
     done = {r["file"] for r in read_results(out)} if out is not None else set()
     todo = [i for i in items if isinstance(i, tuple) or str(i) not in done]

@@ -243,6 +243,19 @@ def test_reference_pth_adapters_explain_end_to_end(tiny, tokenizer, tmp_path, va
         assert expl["listening"] is None and expl["gates"]["gate_W"] is None
 
 
+def test_explain_with_a_manifest_of_several_files_is_refused(tmp_path, capsys):
+    (tmp_path / "m.jsonl").write_text("".join(json.dumps({"audio": f"{n}.wav", "text": "x"}) + "\n" for n in "ab"))
+    with pytest.raises(SystemExit) as e:
+        G.main(["--audio", str(tmp_path / "m.jsonl"), "--explain", str(tmp_path / "x.png")])
+    assert e.value.code == 1 and "use --explain-dir" in capsys.readouterr().err
+
+
+def test_explain_dir_names_one_figure_per_file(tmp_path):
+    a, b, c = Path("x/one.wav"), Path("x/two.flac"), Path("y/one.wav")
+    assert G.explain_path(tmp_path, b, [a, b]) == tmp_path / "two.png"
+    assert G.explain_path(tmp_path, a, [a, b, c]) != G.explain_path(tmp_path, c, [a, b, c])
+
+
 def test_cli_flags_are_checked(capsys):
     for argv, message in [(["--prompt", "x", "--explain", "a.png"], "go with --audio"),
                           (["--audio", "a.wav", "b.wav", "--explain", "a.png"], "use --explain-dir"),
