@@ -30,6 +30,8 @@ Two things a reader of the listening panel should know:
   - kv_layout "paper" (the reference code's head split) reinterprets the (F, W) buffer as (Hw, F, Dw): key row f of
     Whisper head h then holds part of frame (h·F + f) // Hw, not frame f. The panel maps every key row back to the
     frame it carries, so the time axis stays true in both layouts.
+  - The random ablations (--random-audio, --random-init) draw fresh noise at every forward: this pass explains its
+    own draw, so there `matches_generation` may be false.
   - The gates scale the branch outputs, not these probabilities: a layer whose gate_W is near 0 can attend
     sharply and still change nothing. The third panel says how much each layer's audio branch actually counted.
 """
