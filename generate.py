@@ -4,6 +4,7 @@
     python generate.py --audio x.wav --verbose            # ... also the n-best list and the Whisper 1-best
     python generate.py --audio clips/ --json              # a folder (or several files, or a manifest)
     python generate.py --audio clips/ --out r.jsonl       # ... also appended to r.jsonl; a rerun resumes
+    python generate.py --audio x.wav --explain x.png      # ... and draw where each word listened and what it read
     python generate.py --prompt "The capital of France is"            # plain continuation, greedy
     python generate.py --prompt "What is 2+2?" --chat                  # wrapped in the model's chat template
     python generate.py --prompt "Once upon a time" --temperature 0.8 --top-k 50 --seed 1
