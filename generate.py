@@ -4,6 +4,7 @@
     python generate.py --audio x.wav --verbose            # ... also the n-best list and the Whisper 1-best
     python generate.py --audio clips/ --json              # a folder (or several files, or a manifest)
     python generate.py --audio clips/ --out r.jsonl       # ... also appended to r.jsonl; a rerun resumes
+    python generate.py --audio x.wav --explain x.png      # ... and draw where each word listened and what it read
     python generate.py --prompt "The capital of France is"            # plain continuation, greedy
     python generate.py --prompt "What is 2+2?" --chat                  # wrapped in the model's chat template
     python generate.py --prompt "Once upon a time" --temperature 0.8 --top-k 50 --seed 1
@@ -415,6 +416,9 @@ def run_audio(args) -> int:
     from tqdm import tqdm
 
     items = audio_inputs(args.audio)
+    if args.explain and len(items) > 1:  # e.g. a manifest
+        raise GenerateError(f"--explain writes one figure and {args.audio[0]} holds {len(items)} files: "
+                            "use --explain-dir")
     out = args.out
     done = {r["file"] for r in read_results(out)} if out is not None else set()
     todo = [i for i in items if isinstance(i, tuple) or str(i) not in done]
@@ -442,6 +446,8 @@ def run_audio(args) -> int:
             if adapter is None:
                 print("notice: no trained adapter found (train one with train.py, or pass --adapter); "
                       "printing the Whisper 1-best, not a correction", file=sys.stderr)
+                if args.explain or args.explain_dir:
+                    print("notice: no adapter, so no correction to explain (--explain)", file=sys.stderr)
             else:
                 wl, tokenizer = load_wl(adapter, llm=args.llm, whisper=feat_model, device=args.device,
                                         dtype=getattr(torch, args.dtype), **adapter_requests(args))
@@ -454,6 +460,12 @@ def run_audio(args) -> int:
             path = item
             try:
                 r = transcribe_and_correct(path, hyp_model, hyp_tok, feat_model, wl, tokenizer, args)
+                if wl is not None and (args.explain or args.explain_dir):  # a second, explicit pass (explain.py)
+                    import explain
+
+                    png = args.explain or explain_path(args.explain_dir, path, items)
+                    explain.explain_file(path, r, wl, tokenizer, feat_model, png, args.max_new_tokens,
+                                         args.explain_layer)
             except (wm.AudioError, GenerateError) as e:  # this file only: report it, go on with the next
                 fail(path, str(e).removeprefix(f"{path}: "))
                 n_failed += 1
@@ -472,6 +484,13 @@ def run_audio(args) -> int:
     finally:
         if sink is not None:
             sink.close()
+
+
+def explain_path(folder: Path, path: Path, items: list) -> Path:
+    """--explain-dir: <folder>/<file name>.png, or with its parent folders' names when two inputs share a name."""
+    names = [Path(i).stem for i in items if not isinstance(i, tuple)]
+    stem = path.stem if names.count(path.stem) < 2 else "_".join(path.with_suffix("").parts[-3:])
+    return Path(folder) / f"{stem}.png"
 
 
 def run_text(args) -> str:
@@ -521,6 +540,15 @@ def main(argv=None):
                         help="with --audio: also append each file's JSON object to this file as soon as it is done; "
                              "a rerun with the same --out skips the files already there and retries the failed "
                              "ones (resume after an interruption; use a new file for other settings)")
+    g = parser.add_argument_group("looking inside a correction (explain.py)")
+    g.add_argument("--explain", type=Path, default=None, metavar="PNG",
+                   help="with one audio file: draw where each corrected token listened (AiW over the audio frames, "
+                        "above the log-mel), what it read (its self-attention over the n-best lines) and the gates, "
+                        "to PNG, and the same numbers to a .json beside it")
+    g.add_argument("--explain-dir", type=Path, default=None, metavar="DIR",
+                   help="as --explain, one <name>.png + .json per audio file in DIR")
+    g.add_argument("--explain-layer", type=int, default=None, metavar="N",
+                   help="draw adapter layer N only, instead of the average over the adapter layers")
     add_adapter_flags(parser)
     parser.add_argument("--checkpoint-dir", type=Path, default=None,
                         help="converted LLM checkpoint folder (default: the embedded SmolLM2-135M-Instruct)")
@@ -551,6 +579,12 @@ def main(argv=None):
         parser.error("give --audio (correct a transcript) or --prompt (plain LLM), not both or neither")
     if args.out is not None and args.audio is None:
         parser.error("--out goes with --audio")
+    if (args.explain or args.explain_dir or args.explain_layer is not None) and args.audio is None:
+        parser.error("--explain, --explain-dir and --explain-layer go with --audio or --say")
+    if args.explain and args.explain_dir:
+        parser.error("give --explain (one file) or --explain-dir (many), not both")
+    if args.explain and (len(args.audio) > 1 or Path(args.audio[0]).is_dir()):
+        parser.error("--explain writes one figure: for several files use --explain-dir")
     torch.manual_seed(args.seed)
     try:
         if args.audio is not None:

@@ -1,0 +1,484 @@
+"""Look inside a correction: where each corrected word listened, what it read, and how much the audio counted.
+
+    python generate.py --audio x.wav --explain x.png          # x.png and x.json beside it
+    python generate.py --audio clips/ --explain-dir why/      # one figure (and JSON) per file
+    python generate.py --audio x.wav --explain x.png --explain-layer 12   # one adapter layer, not the average
+
+The paper's stated limitation is that one cannot see how the two modalities interact token by token. This file
+shows it for one utterance, with three panels:
+
+  1. Listening: for every output token, its AiW attention over the audio frames, softmax(q'' K_padᵀ/√D), averaged
+     over the Whisper heads (the H - Hw padding heads hold only the identity template: they carry no audio) and
+     over the adapter layers, drawn above the clip's log-mel spectrogram on the same time axis (an encoder frame
+     is 20 ms; with full 30 s features a line marks where the audio ends).
+  2. Reading: for every output token, the share of its causal self-attention that goes to the instruction, to each
+     n-best hypothesis line, to the "### Response:" cue and to the earlier output.
+  3. Gates: gate_L and gate_W of every adapter layer, and each branch's share of the attention output for this clip:
+     ‖proj(branch)‖ / Σ ‖proj(branches)‖ over self-attention, prefix (AiL) and audio (AiW), at the output tokens.
+
+"Output token j" means the query that *produced* token j: the position before it (the prompt's last token for the
+first word), so every row shows what the model looked at when it chose that word.
+
+How: the normal, fast generation runs first (generate.generate, untouched). Then ONE extra teacher-forced pass over
+prompt + generated tokens recomputes every layer from the literal formulas of DESIGN.md §2, using only the model's
+parameters and config (the padded (H, F, D) template is built here, on purpose), and keeps the probabilities at the
+output rows. Nothing of this runs unless asked. The pass is checked against the model: its logits reproduce the
+greedy tokens (`matches_generation` in the JSON), and tests/test_explain.py asserts that every layer's output equals
+the real module's and that the AiW probabilities equal tests/wl_reference.py's literal template.
+
+Two things a reader of the listening panel should know:
+  - kv_layout "paper" (the reference code's head split) reinterprets the (F, W) buffer as (Hw, F, Dw): key row f of
+    Whisper head h then holds part of frame (h·F + f) // Hw, not frame f. The panel maps every key row back to the
+    frame it carries, so the time axis stays true in both layouts.
+  - The random ablations (--random-audio, --random-init) draw fresh noise at every forward: this pass explains its
+    own draw, so there `matches_generation` may be false.
+  - The gates scale the branch outputs, not these probabilities: a layer whose gate_W is near 0 can attend
+    sharply and still change nothing. The third panel says how much each layer's audio branch actually counted.
+"""
+import io
+import json
+import math
+import os
+import tempfile
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from model import apply_rope, build_rope_cache
+
+FRAME_SECONDS = 0.02  # one Whisper encoder frame: the stride-2 conv over 10 ms mel frames (1500 frames = 30 s)
+
+
+# ----------------------------------------------------------------------------------------------------
+# The explicit pass: every layer from the literal formulas, probabilities kept at the output rows
+# ----------------------------------------------------------------------------------------------------
+
+def rms(x, weight=None, eps=1e-5):
+    y = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps)
+    return y * weight.to(y.dtype) if weight is not None else y
+
+
+def softmax_scores(q, k, causal=False):
+    """softmax(q kᵀ / √D) as explicit probabilities. q (H, T, D), k (H, S, D) → (H, T, S)."""
+    s = q @ k.transpose(-1, -2) / math.sqrt(q.shape[-1])
+    if causal:
+        T, S = s.shape[-2:]
+        s = s.masked_fill(torch.ones(T, S, dtype=torch.bool, device=s.device).triu(S - T + 1), float("-inf"))
+    return s.softmax(-1)
+
+
+def padded_template(x_hat, H, D, identity=True):
+    """K_pad (or V_pad) (H, F, D): every head the F×D matrix with ones on its principal diagonal, the top-left
+    [:Hw, :, :Dw] block overwritten with x̂ (Hw, F, Dw). identity=False: the no-special-initialisation ablation's
+    template, standard normal noise (one F×D draw repeated over the heads), as adapter.py draws it."""
+    Hw, F_, Dw = x_hat.shape
+    if identity:
+        pad = torch.eye(F_, D, dtype=x_hat.dtype, device=x_hat.device).repeat(H, 1, 1)
+    else:
+        pad = torch.randn(1, F_, D, device=x_hat.device).to(x_hat.dtype).repeat(H, 1, 1)
+    pad[:Hw, :, :Dw] = x_hat
+    return pad
+
+
+def whisper_heads(x, Hw, layout):
+    """(F, W) → (Hw, F, Dw): `heads` splits the width; `paper` reinterprets the contiguous buffer."""
+    F_, W = x.shape
+    if layout == "paper":
+        return x.contiguous().view(Hw, F_, W // Hw)
+    return x.view(F_, Hw, W // Hw).transpose(0, 1)
+
+
+def frame_of_key_row(F_, Hw, layout, device=None):
+    """(Hw, F) long: the audio frame whose numbers key row f of Whisper head h holds. `heads`: frame f. `paper`:
+    row (h, f) is elements [(h·F + f)·Dw, (h·F + f + 1)·Dw) of the flat (F, W) buffer, i.e. frame (h·F + f) // Hw."""
+    rows = torch.arange(Hw * F_, device=device).view(Hw, F_)
+    return rows // Hw if layout == "paper" else rows % F_
+
+
+def audio_keys_values(attn, audio, c, W=lambda t: t):
+    """k̂, v̂ (Hw, F, Dw) of one adapter layer from audio features (F, W), DESIGN.md §2 step 3, from the parameters
+    (each read through W, e.g. an upcast)."""
+    down_v, up_v = ("adapter_down_k", "adapter_up_k") if c.shared_down_up else ("adapter_down_v", "adapter_up_v")
+    lin = lambda x, name: x @ W(getattr(attn, name).weight).T  # noqa: E731
+    k = lin(audio, "whisper_key")
+    v = lin(audio, "whisper_value") + W(attn.whisper_value.bias)
+    k = lin(F.silu(lin(rms(k, W(attn.adapter_norm_k.weight), c.adapter_norm_eps), "adapter_down_k")), "adapter_up_k")
+    v = lin(F.silu(lin(rms(v, W(attn.adapter_norm_v.weight), c.adapter_norm_eps), down_v)), up_v)
+    return whisper_heads(k, c.whisper_heads, c.kv_layout), whisper_heads(v, c.whisper_heads, c.kv_layout)
+
+
+@torch.no_grad()
+def literal_pass(model, ids, audio=None, audio_frames=None, rows=None, keep_hidden=False):
+    """One teacher-forced forward of a WhisperingLLaMA over ids (T,) from the literal formulas, in float32 (or
+    float64 for a float64 model), depending only on the model's parameters and config.
+
+    audio: encoder features (F, W) (None for a text-only adapter); audio_frames: frames that carry the clip (used
+    as the model uses them: with config.trim_audio). rows: query positions whose probabilities are kept (default
+    all). Returns a dict of tensors, one entry per adapter layer in the lists:
+      logits (T, V); layers: the adapter blocks' indices;
+      self (H, R, T): causal self-attention probabilities;  prefix (H, R, L): AiL probabilities;
+      audio (Hw, R, F): AiW probabilities of the Whisper heads (key rows as the layout orders them; see
+      frame_of_key_row);  norms (R, 3): ‖proj(·)‖ of the self, prefix and audio branches at each kept row;
+      gate_prefix, gate_audio: the gates;  hidden: every block's output (1, T, C) when keep_hidden."""
+    c = model.config
+    dtype = torch.promote_types(model.lm_head.weight.dtype, torch.float32)
+    W = lambda t: t.to(dtype)  # noqa: E731 (every parameter is read through this: bf16 weights are upcast)
+    T = ids.shape[0]
+    H, G, D = c.n_head, c.n_query_groups, c.head_size
+    rows = torch.arange(T) if rows is None else torch.as_tensor(rows)
+    cos, sin = build_rope_cache(T, D, c.rope_base, c.rope_scaling, device=ids.device)
+    if audio is not None and c.use_whisper:
+        audio = W(audio)
+        if c.trim_audio and audio_frames is not None:  # as WhisperingLLaMA.forward: only the frames with audio
+            audio = audio[: max(1, int(audio_frames))]
+        if c.random_audio:  # the ablation: the model hears fresh noise, so this pass explains one such draw
+            audio = torch.randn(audio.shape, device=audio.device, dtype=dtype)
+    out = {k: [] for k in ("layers", "self", "prefix", "audio", "norms", "gate_prefix", "gate_audio", "hidden")}
+    heads = lambda t, n: t.view(-1, n, D).transpose(0, 1)  # noqa: E731  (T', n·D) → (n, T', D)
+    merge = lambda y: y.transpose(0, 1).reshape(-1, H * D)  # noqa: E731  (H, T', D) → (T', H·D)
+    x = W(model.transformer.wte.weight)[ids]  # (T, C)
+    for i, block in enumerate(model.transformer.h):
+        attn, adapted = block.attn, i >= c.adapter_start_layer
+        h = rms(x, W(block.norm_1.weight), c.norm_eps)
+        q, k, v = (h @ W(attn.qkv.weight).T).split((H * D, G * D, G * D), dim=-1)
+        q, k, v = heads(q, H), heads(k, G), heads(v, G)
+        q, k = apply_rope(q[None], cos, sin)[0], apply_rope(k[None], cos, sin)[0]
+        rep = H // G  # query head h reads key/value group h // rep
+        p_self = softmax_scores(q, k.repeat_interleave(rep, 0), causal=True)  # (H, T, T)
+        branches = [p_self @ v.repeat_interleave(rep, 0)]
+        if adapted:
+            p = W(attn.adapter_prefix.weight)
+            if c.use_whisper:  # the WL variants normalise the prefix (no trained scale); text-only does not
+                p = rms(p, None, c.adapter_norm_eps)
+            _, k_p, v_p = (p @ W(attn.qkv.weight).T).split((H * D, G * D, G * D), dim=-1)
+            k_p, v_p = heads(k_p, G).repeat_interleave(rep, 0), heads(v_p, G).repeat_interleave(rep, 0)
+            p_prefix = softmax_scores(q, k_p)  # (H, T, L), no mask, no RoPE on the prefix
+            branches.append(W(attn.adapter_gate_prefix) * (p_prefix @ v_p))
+            if c.use_whisper:
+                k_hat, v_hat = audio_keys_values(attn, audio, c, W)
+                K = padded_template(k_hat, H, D, c.identity_init)
+                V = padded_template(v_hat, H, D, c.identity_init)
+                q1 = q @ W(attn.adapter_q_dim)  # q' = q Q_d, then q''[h] = Σ_h' q'[h'] Q_h[h', h]
+                q2 = torch.einsum("itd,ih->htd", q1, W(attn.adapter_q_head))
+                p_audio = softmax_scores(q2, K)  # (H, T, F), no mask
+                branches.append(W(attn.adapter_gate_whisper) * (p_audio @ V))
+        projected = [merge(y) @ W(attn.proj.weight).T for y in branches]  # each branch's share of the residual
+        x = x + sum(projected)
+        m = rms(x, W(block.norm_2.weight), c.norm_eps)
+        mlp = block.mlp
+        x = x + (F.silu(m @ W(mlp.fc_1.weight).T) * (m @ W(mlp.fc_2.weight).T)) @ W(mlp.proj.weight).T
+        if keep_hidden:
+            out["hidden"].append(x[None].clone())
+        if adapted:
+            out["layers"].append(i)
+            out["self"].append(p_self[:, rows])
+            out["prefix"].append(p_prefix[:, rows])
+            out["gate_prefix"].append(float(attn.adapter_gate_prefix))
+            norms = [y[rows].norm(dim=-1) for y in projected] + [torch.zeros(len(rows), dtype=dtype)] * (3 - len(projected))
+            out["norms"].append(torch.stack(norms, dim=-1))
+            if c.use_whisper:
+                out["audio"].append(p_audio[: c.whisper_heads, rows])
+                out["gate_audio"].append(float(attn.adapter_gate_whisper))
+    out["logits"] = rms(x, W(model.transformer.ln_f.weight), c.norm_eps) @ W(model.lm_head.weight).T
+    return out
+
+
+# ----------------------------------------------------------------------------------------------------
+# The prompt's parts: which token positions are the instruction, each hypothesis, the response cue
+# ----------------------------------------------------------------------------------------------------
+
+def prompt_segments(tokenizer, hypotheses, prompt_ids) -> list:
+    """[(name, start, end)] token spans of the prompt as generate.correct builds it: "BOS" (position 0, where many
+    heads put the attention they do not need elsewhere), "instruction" (the Alpaca header up to "### Input:"), "hyp 1" ... "hyp n" (each line with its newline), "response cue" (the blank
+    line and "### Response:"). A boundary is the length of the token ids of the prompt text up to it, encoded
+    the same way (BOS, ordinary text), which must be a prefix of the whole prompt's ids; were a token ever to
+    straddle a boundary it is counted in the later part."""
+    from prepare_data import PROMPT_TEMPLATE, build_prompt
+
+    prompt = build_prompt(hypotheses)
+    head = PROMPT_TEMPLATE[: PROMPT_TEMPLATE.index("{input}")]
+    assert prompt.startswith(head)
+    starts, pos = [], len(head)
+    for h in hypotheses:  # build_prompt joins the stripped lines with "\n"
+        starts.append(pos)
+        pos += len(h.strip()) + 1
+    cuts = starts + [pos - 1]  # the last boundary: the end of the last hypothesis' text
+    ids = prompt_ids.tolist()
+    bounds = []
+    for cut in cuts:
+        enc = tokenizer.encode(prompt[:cut], bos=True, eos=False, special=False).tolist()
+        n = 0
+        while n < min(len(enc), len(ids)) and enc[n] == ids[n]:
+            n += 1
+        bounds.append(n)
+    names = ["BOS", "instruction"] + [f"hyp {i + 1}" for i in range(len(hypotheses))] + ["response cue"]
+    edges = [0, 1] + bounds + [len(ids)]  # BOS on its own: most heads park most of their attention on it
+    return [(name, a, b) for name, a, b in zip(names, edges[:-1], edges[1:])]
+
+
+def reading_shares(p_self, segments, n_prompt, rows):
+    """p_self (R, T) averaged over heads → (R, n_segments + 1): the share of each prompt part and of the earlier
+    output ("earlier output": positions n_prompt .. row). Rows sum to 1 (causal: a row sees only ≤ its position)."""
+    cols = [p_self[:, a:b].sum(-1) for _, a, b in segments]
+    cols.append(p_self[:, n_prompt:].sum(-1))
+    return torch.stack(cols, dim=-1)
+
+
+def listening(p_audio, layout):
+    """p_audio (Hw, R, F) of one layer → (R, F): mass on each real audio frame (key rows mapped back to frames),
+    averaged over the Whisper heads. Rows sum to the Whisper heads' total probability on keys: 1."""
+    Hw, R, F_ = p_audio.shape
+    frame = frame_of_key_row(F_, Hw, layout, p_audio.device)  # (Hw, F)
+    out = torch.zeros(R, F_, dtype=p_audio.dtype, device=p_audio.device)
+    for h in range(Hw):
+        out.index_add_(1, frame[h], p_audio[h])
+    return out / Hw
+
+
+# ----------------------------------------------------------------------------------------------------
+# One utterance: generate as usual, then the explicit pass, then the numbers that the figure draws
+# ----------------------------------------------------------------------------------------------------
+
+def explain(model, tokenizer, hypotheses, audio_features=None, audio_frames=None, max_new_tokens=150,
+            layer=None) -> dict:
+    """Correct one utterance (exactly as generate.correct does) and explain the correction.
+
+    audio_features (F, W); audio_frames: frames that carry the clip (ceil(seconds · 50)). layer: draw one adapter
+    layer (its index in the LLM) instead of the average over the adapter layers. Returns a dict of plain numbers
+    (lists), the content of the JSON file; `draw` makes the figure from it."""
+    import generate as G
+    from prepare_data import build_prompt
+
+    c = model.config
+    device = next(model.parameters()).device
+    prompt_ids = tokenizer.encode(build_prompt(hypotheses), bos=True, eos=False, special=False).to(device)
+    audio = None
+    if c.use_whisper:
+        if audio_features is None:
+            raise G.GenerateError("this adapter listens: pass the audio features")
+        audio = (audio_features[0] if audio_features.dim() == 3 else audio_features).to(device)
+    kwargs = dict(audio=audio[None]) if audio is not None else {}
+    if audio_frames is not None and audio is not None:
+        kwargs["audio_frames"] = audio_frames
+    # 1. The normal, fast path: nothing below changes it.
+    ids = G.generate(model, prompt_ids, max_new_tokens, temperature=0.0, eos_id=tokenizer.eos_id, **kwargs)
+    P = len(prompt_ids)
+    new = ids[P:].clone()
+    text = G.response_text(tokenizer.decode(new))
+    stopped = len(new) < max_new_tokens and P + len(new) < c.block_size  # greedy drew EOS
+    out_tokens = new.tolist() + ([tokenizer.eos_id] if stopped else [])
+    rows = torch.arange(P - 1, P - 1 + len(out_tokens))  # the query that produced each output token
+    # 2. The explicit pass over prompt + generated tokens.
+    cap = literal_pass(model, torch.cat([prompt_ids, new]), audio, audio_frames, rows)
+    chosen = cap["logits"][rows].argmax(-1).tolist()
+    layers = cap["layers"]
+    if layer is not None and layer not in layers:
+        raise G.GenerateError(f"--explain-layer {layer}: not an adapter layer (those are {layers[0]}..{layers[-1]})")
+    pick = [layers.index(layer)] if layer is not None else list(range(len(layers)))
+
+    segments = prompt_segments(tokenizer, hypotheses, prompt_ids)
+    reading = torch.stack([reading_shares(s.mean(0), segments, P, rows) for s in cap["self"]])  # (layers, R, S)
+    norms = torch.stack(cap["norms"])  # (layers, R, 3)
+    shares = (norms / norms.sum(-1, keepdim=True).clamp_min(1e-30)).mean(1)  # (layers, 3)
+    result = dict(
+        text=text, hypotheses=list(hypotheses),
+        tokens=[tokenizer.decode([t]) for t in out_tokens], token_ids=out_tokens, ended_with_eos=stopped,
+        matches_generation=chosen == out_tokens,
+        layers=layers, layer=layer, kv_layout=c.kv_layout if c.use_whisper else None,
+        reading=dict(parts=[s[0] for s in segments] + ["earlier output"],
+                     spans=[[a, b] for _, a, b in segments] + [[P, P + len(new)]],
+                     drawn=reading[pick].mean(0).tolist(), per_layer=reading.tolist()),
+        gates=dict(gate_L=cap["gate_prefix"], gate_W=cap["gate_audio"] or None),
+        branch_share=dict(branches=["self-attention", "prefix (AiL)", "audio (AiW)"], per_layer=shares.tolist()),
+        prefix_attention=torch.stack([p.mean(0) for p in cap["prefix"]])[pick].mean(0).tolist(),
+        listening=None,
+    )
+    if c.use_whisper:
+        lis = torch.stack([listening(p, c.kv_layout) for p in cap["audio"]])  # (layers, R, F)
+        n_frames = lis.shape[-1]
+        clip = audio_frames if audio_frames is not None else None
+        result["listening"] = dict(
+            frames=n_frames, frame_seconds=FRAME_SECONDS, clip_frames=clip,
+            drawn=lis[pick].mean(0).tolist(),
+            after_clip=(lis[pick].mean(0)[:, clip:].sum(-1).tolist() if clip is not None and clip < n_frames
+                        else None),
+        )
+    return result
+
+
+# ----------------------------------------------------------------------------------------------------
+# The figure and the JSON
+# ----------------------------------------------------------------------------------------------------
+
+def token_label(text: str) -> str:
+    return repr(text) if not text.strip() else text.strip()
+
+
+def draw(expl: dict, path, mel=None, title=""):
+    """The three panels of `expl` (from `explain`) as a PNG at `path`, written atomically. mel: the clip's log-mel
+    (n_mels, 3000) as whisper_model.log_mel_spectrogram computes it (10 ms columns)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    labels = [token_label(t) for t in expl["tokens"]]
+    if expl["ended_with_eos"]:
+        labels[-1] = "<end>"
+    R = len(labels)
+    lis, read = expl["listening"], expl["reading"]
+    which = f"layer {expl['layer']}" if expl["layer"] is not None else \
+        f"mean of layers {expl['layers'][0]}-{expl['layers'][-1]}"
+    row_h = max(2.5, 0.22 * R + 1)
+    fig = plt.figure(figsize=(16, row_h + 2.2 + 3.2))
+    gs = fig.add_gridspec(3, 2, width_ratios=[3, 1.3], height_ratios=[row_h, 2.2, 3.2], hspace=0.45, wspace=0.25)
+    ax_lis, ax_read = fig.add_subplot(gs[0, 0]), fig.add_subplot(gs[0, 1])
+    ax_mel = fig.add_subplot(gs[1, 0], sharex=ax_lis)
+    ax_gate, ax_share = fig.add_subplot(gs[2, 0]), fig.add_subplot(gs[2, 1])
+
+    # 1. Listening, above the log-mel on the same seconds axis.
+    if lis is None:
+        ax_lis.text(0.5, 0.5, "text-only adapter: no audio branch (AiW), nothing listened to", ha="center",
+                    va="center", transform=ax_lis.transAxes, fontsize=12)
+        ax_lis.set_xticks([])
+        ax_lis.set_yticks([])
+        ax_mel.set_visible(False)
+    else:
+        a = np.array(lis["drawn"]) * lis["frames"]  # against uniform attention: 1 = every frame alike
+        seconds = lis["frames"] * lis["frame_seconds"]
+        norm = matplotlib.colors.TwoSlopeNorm(vcenter=1.0, vmin=min(a.min(), 0.99), vmax=max(a.max(), 1.01))
+        im = ax_lis.imshow(a, aspect="auto", cmap="RdBu_r", norm=norm, interpolation="nearest",
+                           extent=(0, seconds, R - 0.5, -0.5))
+        ax_lis.set_yticks(range(R), labels, fontsize=8)
+        ax_lis.set_title(f"Listening: AiW attention over the audio frames, Whisper heads averaged, {which}",
+                         fontsize=10)
+        fig.colorbar(im, ax=ax_lis, fraction=0.02, pad=0.01).set_label("× uniform (1 = all frames alike)",
+                                                                       fontsize=8)
+        if mel is not None:
+            m = np.asarray(mel)[:, : int(round(seconds / 0.01))]
+            ax_mel.imshow(m, aspect="auto", origin="lower", cmap="viridis", extent=(0, seconds, 0, m.shape[0]))
+            ax_mel.set_ylabel("mel bin")
+        ax_mel.set_xlabel("seconds (one encoder frame = 20 ms)")
+        ax_mel.set_title("log-mel spectrogram (Whisper's input)", fontsize=10)
+        clip = lis["clip_frames"]
+        if clip is not None and clip < lis["frames"]:
+            end = clip * lis["frame_seconds"]
+            for ax in (ax_lis, ax_mel):
+                ax.axvline(end, color="cyan", lw=1.2, ls="--")
+            after = np.mean(lis["after_clip"]) if lis["after_clip"] else 0.0
+            ax_mel.text(end, ax_mel.get_ylim()[1], f" audio ends ({end:.2f} s); {100 * after:.0f}% of the "
+                        "attention lies after it", color="cyan", va="top", fontsize=8)
+        ax_lis.set_xlim(0, seconds)
+
+    ax_hyps = fig.add_subplot(gs[1, 1])  # the n-best lines, so the reading columns can be read
+    ax_hyps.axis("off")
+    lines = [f"hyp {i + 1}: {h[:70]}" for i, h in enumerate(expl["hypotheses"])]
+    ax_hyps.text(0, 1, "\n".join(lines), va="top", fontsize=6, family="monospace", transform=ax_hyps.transAxes)
+
+    # 2. Reading: where the self-attention went.
+    r = np.array(read["drawn"])
+    ax_read.imshow(r, aspect="auto", cmap="Blues", norm=matplotlib.colors.PowerNorm(0.5, 0, max(r.max(), 1e-9)),
+                   interpolation="nearest")  # square-root colours: a 2% hypothesis line still shows
+    ax_read.set_xticks(range(len(read["parts"])), read["parts"], rotation=60, ha="right", fontsize=7)
+    ax_read.set_yticks(range(R), labels, fontsize=8)
+    ax_read.set_title(f"Reading: share of self-attention ({which})", fontsize=10)
+    for (i, j), v in np.ndenumerate(r):
+        if v >= 0.05:
+            ax_read.text(j, i, f"{v:.2f}"[1:] if v < 1 else "1", ha="center", va="center", fontsize=6,
+                         color="white" if v > 0.4 * r.max() else "black")
+
+    # 3. Gates, and how much each branch counted for this clip.
+    layers = expl["layers"]
+    x = np.arange(len(layers))
+    gL, gW = expl["gates"]["gate_L"], expl["gates"]["gate_W"]
+    ax_gate.bar(x - 0.2, gL, 0.4, label=f"gate_L (prefix, AiL; largest |gate_L| {max(map(abs, gL)):.3g})")
+    if gW is not None:
+        ax_gate.bar(x + 0.2, gW, 0.4, label=f"gate_W (audio, AiW; {min(gW):.3g} to {max(gW):.3g})")
+    ax_gate.axhline(0, color="black", lw=0.5)
+    ax_gate.set_xticks(x, layers, fontsize=7)
+    ax_gate.set(xlabel="adapter layer", title="gates per adapter layer")
+    ax_gate.legend(fontsize=8)
+    share = np.array(expl["branch_share"]["per_layer"])
+    bottom = np.zeros(len(layers))
+    for k, name in enumerate(expl["branch_share"]["branches"]):
+        ax_share.bar(x, share[:, k], bottom=bottom, label=name, color=["#bbbbbb", "C0", "C1"][k])
+        bottom += share[:, k]
+    ax_share.set_xticks(x[:: max(1, len(x) // 10)], layers[:: max(1, len(x) // 10)], fontsize=7)
+    ax_share.set(xlabel="adapter layer", ylim=(0, 1),
+                 title="share of ‖attention output‖ per branch\n(this clip, output tokens)")
+    ax_share.title.set_fontsize(9)
+    ax_share.legend(fontsize=7, loc="lower right")
+    fig.suptitle(title or f"corrected: {expl['text']}", fontsize=11)
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=80)
+    plt.close(fig)
+    write_atomic(path, buf.getvalue())
+
+
+def write_atomic(path, data: bytes):
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes it private; the result is an ordinary file
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def write(expl: dict, png, mel=None, title=""):
+    """png and the same numbers as JSON beside it (png with .json)."""
+    png = Path(png)
+    draw(expl, png, mel, title)
+    write_atomic(png.with_suffix(".json"), json.dumps(rounded(expl), ensure_ascii=False).encode())
+
+
+def rounded(x, digits=6):
+    """Floats to `digits` significant digits (the JSON of a long clip stays small; float32 carries ~7)."""
+    if isinstance(x, float):
+        return float(f"{x:.{digits}g}")
+    if isinstance(x, dict):
+        return {k: rounded(v, digits) for k, v in x.items()}
+    if isinstance(x, list):
+        return [rounded(v, digits) for v in x]
+    return x
+
+
+# ----------------------------------------------------------------------------------------------------
+# generate.py's --explain: one audio file, after its normal correction
+# ----------------------------------------------------------------------------------------------------
+
+def explain_file(path, result: dict, wl, tokenizer, feat_model, png, max_new_tokens=150, layer=None) -> list:
+    """Explain the correction generate.py made of one file (`result`, its record): the n-best lists are reused,
+    the audio features recomputed (the encoder is deterministic), each 30 s window explained. Writes png (the first
+    window; later windows as <stem>-window<k>.png) and the JSON beside each. Returns the PNG paths."""
+    import whisper_model as wm
+    from generate import GenerateError, windows
+
+    audio = wm.load_audio(path)
+    written = []
+    for w, (piece, nbest) in enumerate(zip(windows(audio), result["nbest"])):
+        hyps = [h["text"] for h in nbest]
+        if not hyps:
+            continue  # silence: generate.py kept the 1-best, there is no correction to look inside
+        mel = wm.log_mel_spectrogram(piece, feat_model.dims.n_mels)
+        with torch.inference_mode():
+            feats = feat_model.embed_audio(mel[None])[0]
+        frames = math.ceil(len(piece) / 320)  # 50 encoder frames per second of 16 kHz audio
+        expl = explain(wl, tokenizer, hyps, feats, frames, max_new_tokens, layer)
+        expl.update(file=str(path), window=w, window_start_seconds=30 * w, clip_seconds=len(piece) / 16000)
+        out = Path(png) if w == 0 else Path(png).with_name(f"{Path(png).stem}-window{w + 1}{Path(png).suffix}")
+        try:
+            write(expl, out, mel.numpy(), title=f"{Path(path).name}: {expl['text']}")
+        except OSError as e:
+            raise GenerateError(f"cannot write {out}: {e.strerror or e}") from None
+        written.append(out)
+    return written
