@@ -49,8 +49,14 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from convert_checkpoint import ensure_llm, load_whisper
+from storage import ProjectError, first_line, write_atomic
+from tokenizer import Tokenizer
+from whisper_model import FRAMES_PER_SECOND, N_AUDIO_FRAMES, N_SAMPLES, SAMPLE_RATE, AudioError, decode_greedy, \
+    load_audio, log_mel_spectrogram, pad_or_trim, sample_candidates
 
-class SynthesisError(Exception):
+
+class SynthesisError(ProjectError):
     """eSpeak NG could not be loaded, or was given a voice or text it cannot speak."""
 
 
@@ -550,19 +556,8 @@ def render_demo_utterance(text, settings) -> np.ndarray:
 def _write_audio_atomic(path, audio, sample_rate):
     import soundfile as sf
 
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.stem}.tmp{path.suffix}")
-    sf.write(str(tmp), audio, sample_rate, subtype="PCM_16")
-    os.replace(tmp, path)
-
-
-def _write_text_atomic(path, text):
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
+    path = Path(path)  # soundfile takes the format from the name, which the temporary file does not keep
+    write_atomic(path, lambda f: sf.write(f, audio, sample_rate, subtype="PCM_16", format=path.suffix[1:].upper()))
 
 
 def build_demo_corpus(out_dir, n=3000, seed=0, limit=None, progress=True) -> Path:
@@ -575,7 +570,7 @@ def build_demo_corpus(out_dir, n=3000, seed=0, limit=None, progress=True) -> Pat
     if params_path.exists() and json.loads(params_path.read_text()) != params:
         raise InputError(f"{out_dir} holds a demo corpus built with {params_path.read_text().strip()}; "
                          "use another --out for other --demo-size / --seed values")
-    _write_text_atomic(params_path, json.dumps(params) + "\n")
+    write_atomic(params_path, json.dumps(params) + "\n")
     splits = split_sentences(demo_sentences(n, seed), seed)
     rows = []
     for split, sentences in splits.items():
@@ -594,7 +589,7 @@ def _synthesise(out_dir: Path, rows, desc, progress) -> Path:
         if not path.exists():
             _write_audio_atomic(path, render_demo_utterance(row["text"], row), DEMO_SAMPLE_RATE)
     manifest = out_dir / "manifest.jsonl"
-    _write_text_atomic(manifest, "".join(json.dumps(r) + "\n" for r in rows))
+    write_atomic(manifest, "".join(json.dumps(r) + "\n" for r in rows))
     return manifest
 
 
@@ -647,7 +642,7 @@ def build_heldout_corpus(out_dir, seed=0, progress=True) -> Path:
 # ----------------------------------------------------------------------------------------------------
 
 
-class InputError(Exception):
+class InputError(ProjectError):
     """An input (manifest, folder, n-best file) that cannot be read."""
 
 
@@ -813,11 +808,20 @@ def normalize_text(text: str) -> str:
     return " ".join(re.sub(r"[.,\-?']", "", text.lower()).split())
 
 
-def wer(references, hypotheses) -> float:
-    """Corpus word error rate: total edits / total reference words (jiwer), for strings or lists of them."""
+def word_errors(reference, hypothesis) -> tuple:
+    """(word errors, reference words): substitutions + deletions + insertions after a minimum edit-distance
+    alignment of the whitespace-separated words (jiwer), for one pair of strings or summed over two lists of
+    them. An empty reference has 0 words, and every hypothesis word is an insertion."""
     import jiwer
 
-    return float(jiwer.wer(references, hypotheses))
+    out = jiwer.process_words(reference, hypothesis)
+    return out.substitutions + out.deletions + out.insertions, out.hits + out.substitutions + out.deletions
+
+
+def wer(references, hypotheses) -> float:
+    """Corpus word error rate: total edits / total reference words, for strings or lists of them."""
+    errors, words = word_errors(references, hypotheses)
+    return errors / words
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -833,8 +837,6 @@ def wer(references, hypotheses) -> float:
 # of lines in that chunk, so a torn append (a crash inside the write) is recognised and dropped when the
 # index is read back; a shard whose lines never made it is simply rewritten on the next run.
 
-MAX_SECONDS = 30.0  # Whisper's window; longer audio is skipped
-FRAMES_PER_SECOND = 50  # encoder frames: 100 mel frames per second, halved by the stride-2 convolution
 
 
 def _read_index(path: Path, repair=False) -> list:
@@ -856,7 +858,7 @@ def _read_index(path: Path, repair=False) -> list:
     if repair:
         text = "".join(json.dumps(e) + "\n" for e in good)
         if text.encode() != raw:
-            _write_text_atomic(path, text)
+            write_atomic(path, text)
     return good
 
 
@@ -868,13 +870,7 @@ def _append_index(path: Path, lines):
 
 
 def _save_shard(path: Path, features: np.ndarray):
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "wb") as f:
-        np.save(f, features)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    write_atomic(path, lambda f: np.save(f, features))
 
 
 def _commit_chunk(split_dir: Path, chunk: int, features, lines):
@@ -917,7 +913,7 @@ class PreparedDataset(torch.utils.data.Dataset):
             try:
                 self._shards[n] = np.load(path, mmap_mode="r")
             except (OSError, ValueError) as e:  # deleted, or cut short by a copy (mmap length > file size)
-                reason = e.strerror if isinstance(e, OSError) and e.strerror else str(e).splitlines()[0]
+                reason = e.strerror if isinstance(e, OSError) and e.strerror else first_line(e)
                 raise InputError(f"{path}: unreadable feature shard ({reason}); delete it and prepare the folder "
                                  "again (python prepare_data.py redoes what is missing)") from None
         return self._shards[n]
@@ -953,7 +949,7 @@ def collate(batch, pad_id=0):
 # ----------------------------------------------------------------------------------------------------
 
 
-class PrepareError(Exception):
+class PrepareError(ProjectError):
     """An output folder that cannot be (re)used, or models that cannot be loaded."""
 
 
@@ -991,25 +987,19 @@ class _Models:
     loads nothing)."""
 
     def __init__(self, cfg: PrepareConfig):
-        from convert_checkpoint import ConversionError
-        from whisper_model import load_whisper
-
         try:
             self.nbest, self.whisper_tokenizer = load_whisper(cfg.nbest_model)
             feature_model = cfg.feature_model or cfg.nbest_model
             self.features = self.nbest if feature_model == cfg.nbest_model else load_whisper(feature_model)[0]
             self.tokenizer = load_llm_tokenizer(cfg.llm)
-        except (OSError, ValueError, ConversionError) as e:  # missing checkpoints, bad conversions, tokenizers
-            raise PrepareError(str(e).splitlines()[0]) from None
+        except (OSError, ValueError, ProjectError) as e:  # missing checkpoints, bad conversions, tokenizers
+            raise PrepareError(first_line(e)) from None
         self.nbest.eval()
         self.features.eval()
 
 
 def load_llm_tokenizer(llm=None):
     """The LLM's tokenizer from its checkpoint folder (None: the embedded SmolLM2, converted on first use)."""
-    from convert_checkpoint import ensure_llm
-    from tokenizer import Tokenizer
-
     return Tokenizer.from_dir(ensure_llm(llm))
 
 
@@ -1021,8 +1011,6 @@ def utterance_seed(seed: int, utt_id: str) -> int:
 
 def _check_utterance(u: Utterance):
     """(audio float32 16 kHz, None) or (None, reason it is skipped)."""
-    from whisper_model import SAMPLE_RATE, AudioError, load_audio
-
     if u.problem is not None:
         return None, u.problem
     if u.text is None:
@@ -1035,7 +1023,7 @@ def _check_utterance(u: Utterance):
         audio = load_audio(u.audio)
     except AudioError:  # unreadable, empty, silent, shorter than 0.1 s
         return None, "bad audio"
-    if len(audio) > MAX_SECONDS * SAMPLE_RATE:
+    if len(audio) > N_SAMPLES:
         return None, "longer than 30 s"
     return audio, None
 
@@ -1043,8 +1031,6 @@ def _check_utterance(u: Utterance):
 @torch.inference_mode()
 def _encode(model, audios):
     """Encoder output (B, F, W) for a list of 16 kHz clips of at most 30 s, as one batch."""
-    from whisper_model import N_SAMPLES, log_mel_spectrogram, pad_or_trim
-
     batch = np.stack([pad_or_trim(a, N_SAMPLES) for a in audios])  # (B, 480000)
     return model.embed_audio(log_mel_spectrogram(batch, n_mels=model.dims.n_mels))
 
@@ -1053,7 +1039,6 @@ def _process_chunk(utts, models: _Models, cfg: PrepareConfig, chunk: int, progre
     """Everything for one chunk of utterances. Returns (features (rows, F, W) float16 or None, index lines).
     known: {id: {"text", "temperatures", "samples"}} sampled before with the same settings (read_samples)."""
     known = known or {}
-    from whisper_model import SAMPLE_RATE, decode_greedy, sample_candidates
 
     checked = [(u, *_check_utterance(u)) for u in utts]
     good = [(u, a) for u, a, reason in checked if reason is None]
@@ -1101,7 +1086,7 @@ def _record(u: Utterance, audio, drawn, one_best, sample_rate) -> dict:
     duration = len(audio) / sample_rate
     return {
         "id": u.id, "split": u.split, "audio": u.audio, "text": u.text.strip(),
-        "duration": round(duration, 3), "n_frames": min(math.ceil(duration * FRAMES_PER_SECOND), 1500),
+        "duration": round(duration, 3), "n_frames": min(math.ceil(duration * FRAMES_PER_SECOND), N_AUDIO_FRAMES),
         "temperatures": [round(t, 4) for t in drawn["temperatures"]],
         "samples": [[t, None if lp is None else round(lp, 4), n] for t, lp, n in drawn["samples"]],
         "one_best": one_best, "one_best_wer": wer(u.text.strip(), one_best),
@@ -1130,7 +1115,7 @@ def _check_meta(out_dir: Path, cfg: PrepareConfig) -> bool:
     path = out_dir / "meta.json"
     settings = cfg.settings()
     if not path.exists():
-        _write_text_atomic(path, json.dumps(settings, indent=2) + "\n")
+        write_atomic(path, json.dumps(settings, indent=2) + "\n")
         return False
     old = json.loads(path.read_text())
     old.setdefault("hypotheses", "logprob")  # folders from before the form was recorded
@@ -1157,8 +1142,8 @@ def rederive(out_dir, cfg: PrepareConfig, tokenizer=None):
                 raise PrepareError(f"{index} predates stored samples: prepare it again into a new --out")
             if _derive(e, cfg, tokenizer) is None:
                 e["skipped"] = "no hypotheses"
-        _write_text_atomic(index, "".join(json.dumps(e) + "\n" for e in entries))
-    _write_text_atomic(out_dir / "meta.json", json.dumps(cfg.settings(), indent=2) + "\n")
+        write_atomic(index, "".join(json.dumps(e) + "\n" for e in entries))
+    write_atomic(out_dir / "meta.json", json.dumps(cfg.settings(), indent=2) + "\n")
 
 
 def prepare(utterances, out_dir, cfg: PrepareConfig = PrepareConfig(), limit=None, progress=True,
@@ -1219,9 +1204,7 @@ def export_samples(out_dir, path) -> int:
                 lines.append(json.dumps({k: e[k] for k in ("id", "split", "text", "temperatures", "samples")},
                                         ensure_ascii=False))
     data = ("\n".join(lines) + "\n").encode()
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_bytes(lzma.compress(data) if path.suffix == ".xz" else data)
-    os.replace(tmp, path)
+    write_atomic(path, lzma.compress(data) if path.suffix == ".xz" else data)
     return len(lines) - 1
 
 
@@ -1366,8 +1349,8 @@ def main(argv=None):
             out = Path(args.out or DATA / Path(args.manifest).name.split(".")[0])
             utterances = read_inputs(args.manifest, args.split, args.audio_dir)
         result = prepare(utterances, out, cfg, limit=args.limit, samples_from=args.samples_from)
-    except (InputError, SynthesisError, PrepareError, OSError, ValueError) as e:
-        print(f"error: {str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__}", file=sys.stderr)
+    except (ProjectError, OSError, ValueError) as e:
+        print(f"error: {first_line(e)}", file=sys.stderr)
         sys.exit(1)
     except KeyboardInterrupt:  # every committed chunk is on disk; the chunk in progress is redone
         print("interrupted; rerun the same command to continue where it stopped", file=sys.stderr)

@@ -43,7 +43,15 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from prepare_data import IGNORE_INDEX, InputError, PreparedDataset, collate
+from adapter import AdapterBlock, is_adapter_param
+from convert_checkpoint import SMOLLM2_DIR, ensure_llm, ensure_whisper
+import generate  # generate.correct by module attribute, so that tests can replace it
+from model import Block
+from prepare_data import IGNORE_INDEX, PreparedDataset, collate, summary, word_errors
+from storage import ProjectError, first_line, write_atomic
+from tokenizer import Tokenizer
+from whisper_model import Whisper
+from wl_checkpoint import build_model, load_adapter_file, save_adapter
 
 ROOT = Path(__file__).resolve().parent
 
@@ -93,7 +101,7 @@ def flag(dest: str) -> str:
         dest, "--" + dest.replace("_", "-"))
 
 
-class TrainError(Exception):
+class TrainError(ProjectError):
     """A problem with the inputs or the run that the user must fix (one-line message, no traceback)."""
 
 
@@ -237,11 +245,9 @@ def rng_fork(fabric):
 
 
 @torch.no_grad()
-def evaluate(fabric, model, dev, tokenizer, run):
+def validate(fabric, model, dev, tokenizer, run):
     """(validation loss over the dev split, dev WER over its first run.dev_limit utterances or None).
     Each process takes every world_size-th example; sums are reduced over processes."""
-    import jiwer
-
     rank, world = fabric.global_rank, fabric.world_size
     use_audio = not run.no_whisper
     with rng_fork(fabric), full_model(fabric, model) as net:
@@ -258,19 +264,17 @@ def evaluate(fabric, model, dev, tokenizer, run):
                 sums[1] += n
             decoded = [i for i in range(rank, min(run.dev_limit, len(dev)), world)]
             if decoded:
-                from generate import correct
-
                 refs, hyps = [], []
                 for i in decoded:
                     item = dev[i]
                     features = fabric.to_device(item["audio_features"])
                     with fabric.autocast():
-                        hyps.append(correct(net, tokenizer, item["meta"]["hypotheses"], features,
-                                            audio_frames=item["meta"].get("n_frames")))
+                        hyps.append(generate.correct(net, tokenizer, item["meta"]["hypotheses"], features,
+                                                     audio_frames=item["meta"].get("n_frames")))
                     refs.append(item["meta"]["text"])
-                counts = jiwer.process_words(refs, hyps)
-                sums[2] += counts.substitutions + counts.deletions + counts.insertions
-                sums[3] += counts.substitutions + counts.deletions + counts.hits
+                errors, words = word_errors(refs, hyps)
+                sums[2] += errors
+                sums[3] += words
         finally:
             net.train()
     if world > 1:
@@ -283,15 +287,6 @@ def evaluate(fabric, model, dev, tokenizer, run):
 # -----------------------------------------------------------------------------------------------------
 # Checkpoints, log, plot
 # -----------------------------------------------------------------------------------------------------
-
-
-def write_atomic(path: Path, data: bytes):
-    tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
 
 
 def portable(name_or_dir):
@@ -307,8 +302,6 @@ def provenance(run) -> dict:
     and its summary (utterances, 1-best and oracle WER per split)."""
     import subprocess
 
-    from prepare_data import summary
-
     try:
         root = Path(__file__).resolve().parent
         commit = subprocess.run(["git", "-C", str(root), "describe", "--always", "--dirty"], capture_output=True,
@@ -320,17 +313,15 @@ def provenance(run) -> dict:
             "commit": commit, "data": str(Path(run.data).resolve()), "data_summary": json.dumps(data_summary)}
 
 
-def save_adapter(fabric, model, path: Path, run, **extra):
-    """The adapter tensors alone (adapter.save_adapter: safetensors, atomic, with the adapter config and the
+def write_adapter(fabric, model, path: Path, run, **extra):
+    """The adapter tensors alone (wl_checkpoint.save_adapter: safetensors, atomic, with the adapter config and the
     LLM / Whisper it was trained on in the metadata, so that generate.py and evaluate.py can rebuild the model)."""
-    import adapter
-
     with full_model(fabric, model) as net:
         if fabric.is_global_zero:
             # the n-best form of the training data: generate.py and evaluate.py must build prompts the same way
             extra = {"hypotheses": getattr(run, "hypotheses", None) or "logprob",
                      **getattr(run, "provenance", {}), **extra}
-            adapter.save_adapter(net, path, llm=portable(run.llm), whisper=portable(run.whisper), extra=extra)
+            save_adapter(net, path, llm=portable(run.llm), whisper=portable(run.whisper), extra=extra)
     fabric.barrier()
 
 
@@ -370,8 +361,6 @@ def save_state(fabric, path: Path, model, optimizer, scheduler, progress: dict, 
     """Everything --resume needs, written atomically: only the adapter tensors of the model (the frozen LLM is
     rebuilt from its checkpoint), the optimizer and scheduler, progress (step, epoch, data order, best, log)
     and the RNG states of every process."""
-    from adapter import is_adapter_param
-
     from lightning_fabric.strategies import DeepSpeedStrategy
 
     state = {"model": model, "optimizer": optimizer, "scheduler": scheduler, "progress": progress,
@@ -393,7 +382,7 @@ def load_state(fabric, path: Path, model, optimizer, scheduler, adapter_names: l
     try:
         fabric.load(path, state, strict=False)
     except (RuntimeError, KeyError, ValueError) as e:
-        raise TrainError(f"{path} cannot be resumed: {str(e).splitlines()[0]}") from None
+        raise TrainError(f"{path} cannot be resumed: {first_line(e)}") from None
     if state["adapter_names"] != adapter_names:
         raise TrainError(f"{path} does not match the model (its adapter tensors differ): "
                          "check --variant, --start-layer and the LLM")
@@ -411,7 +400,7 @@ def write_log(path: Path, rows: list):
     writer.writeheader()
     for row in rows:
         writer.writerow({k: ("" if row.get(k) is None else row[k]) for k in LOG_FIELDS})
-    write_atomic(path, text.getvalue().encode())
+    write_atomic(path, text.getvalue())
 
 
 def plot_curves(path: Path, rows: list):
@@ -501,9 +490,6 @@ def make_fabric(run, precision: str):
         if strategy == "fsdp":
             from lightning_fabric.strategies import FSDPStrategy
 
-            from adapter import AdapterBlock
-            from model import Block
-
             # Each LLaMA block is one FSDP unit. use_orig_params keeps the frozen and the trainable parameters of
             # a block apart, so the optimizer (built from the trainable ones only) holds no state for the LLM.
             strategy = FSDPStrategy(auto_wrap_policy={Block, AdapterBlock}, use_orig_params=True,
@@ -515,19 +501,15 @@ def make_fabric(run, precision: str):
         return Fabric(accelerator=run.accelerator, devices=run.devices, num_nodes=run.num_nodes, strategy=strategy,
                       precision=FABRIC_PRECISION[precision])
     except (ValueError, RuntimeError, ImportError, ModuleNotFoundError) as e:
-        raise TrainError(f"cannot set up {run.strategy} on {run.accelerator}: {str(e).splitlines()[0]}") from None
+        raise TrainError(f"cannot set up {run.strategy} on {run.accelerator}: {first_line(e)}") from None
 
 
 def load_feature_whisper(name_or_dir):
     """The Whisper model (its weights only) from a checkpoint folder or a model name."""
-    from whisper_model import Whisper, load_whisper
-
     try:
-        if (Path(name_or_dir) / "config.json").is_file():
-            return Whisper.from_checkpoint(name_or_dir)
-        return load_whisper(name_or_dir)[0]
+        return Whisper.from_checkpoint(ensure_whisper(name_or_dir))
     except (OSError, ValueError) as e:
-        raise TrainError(f"cannot load the Whisper model {name_or_dir}: {str(e).splitlines()[0]}") from None
+        raise TrainError(f"cannot load the Whisper model {name_or_dir}: {first_line(e)}") from None
 
 
 def same_path(a, b) -> bool:
@@ -548,8 +530,6 @@ def load_data(run, tokenizer):
     check_data_folder(run)
     root = Path(run.data)
     meta = json.loads((root / "meta.json").read_text()) if (root / "meta.json").is_file() else {}
-    from convert_checkpoint import SMOLLM2_DIR
-
     # None is the embedded default LLM, in the prepared folder's meta.json as on our command line
     retokenize = None if same_path(meta.get("llm") or SMOLLM2_DIR, run.llm or SMOLLM2_DIR) else tokenizer
     try:
@@ -576,14 +556,10 @@ def check_lengths(datasets, block_size):
 
 def build(run, fabric, precision, feature_width):
     """The WhisperingLLaMA with its adapters initialised (or loaded from --adapter)."""
-    from adapter import build_model, load_adapter_file
-
-    from convert_checkpoint import ConversionError, ensure_llm
-
     try:
         llm_dir = ensure_llm(run.llm)
-    except ConversionError as e:
-        raise TrainError(str(e).splitlines()[0]) from None
+    except ProjectError as e:
+        raise TrainError(first_line(e)) from None
     whisper_model = None
     if not run.no_whisper:
         whisper_model = load_feature_whisper(run.whisper)
@@ -601,7 +577,7 @@ def build(run, fabric, precision, feature_width):
         if run.adapter:
             load_adapter_file(model, run.adapter)
     except (ValueError, FileNotFoundError) as e:
-        raise TrainError(str(e).splitlines()[0]) from None
+        raise TrainError(first_line(e)) from None
     if precision == "bf16" and run.strategy not in ("fsdp", "deepspeed"):
         # The frozen weights in bf16, the adapters in fp32. (FSDP flattens each block into one buffer of one dtype
         # and keeps it fp32 but sharded; DeepSpeed keeps fp32 master weights itself.)
@@ -642,7 +618,7 @@ def fit(fabric, run, model, optimizer, scheduler, train_set, dev_set, tokenizer,
 
     def checkpoint():
         progress["saved_step"] = progress["step"]
-        save_adapter(fabric, model, out_dir / "last.safetensors", run, step=progress["step"])
+        write_adapter(fabric, model, out_dir / "last.safetensors", run, step=progress["step"])
         save_state(fabric, out_dir / "state.ckpt", model, optimizer, scheduler, progress, adapter_names)
 
     def publish():
@@ -681,7 +657,7 @@ def fit(fabric, run, model, optimizer, scheduler, train_set, dev_set, tokenizer,
             end_of_epoch = step % steps_per_epoch == 0
             if end_of_epoch or (run.eval_every and step % run.eval_every == 0):
                 if dev_set is not None:
-                    val_loss, dev_wer = evaluate(fabric, model, dev_set, tokenizer, run)
+                    val_loss, dev_wer = validate(fabric, model, dev_set, tokenizer, run)
                     rows.append({"step": step, "epoch": epoch + 1, "val_loss": val_loss,
                                  "dev_wer": dev_wer})
                     score = dev_wer if dev_wer is not None else val_loss
@@ -689,7 +665,7 @@ def fit(fabric, run, model, optimizer, scheduler, train_set, dev_set, tokenizer,
                     if progress["best"] is None or score < progress["best"]:
                         progress["best"], progress["best_step"], progress["bad_evals"] = score, step, 0
                         progress["best_metric"] = "val loss" if dev_wer is None else "dev WER"
-                        save_adapter(fabric, model, out_dir / "best.safetensors", run, step=step, val_loss=val_loss,
+                        write_adapter(fabric, model, out_dir / "best.safetensors", run, step=step, val_loss=val_loss,
                                      dev_wer=dev_wer)
                         shown += " (best)"
                     else:
@@ -839,8 +815,8 @@ def main(argv=None):
     try:
         run = resolve_run(argv)
         train(run)
-    except (TrainError, InputError) as e:  # InputError: a damaged prepared folder, found while reading it
-        print(f"error: {e}", file=sys.stderr)
+    except ProjectError as e:  # TrainError; InputError: a damaged prepared folder, found while reading it
+        print(f"error: {first_line(e)}", file=sys.stderr)
         sys.exit(1)
     except KeyboardInterrupt:  # every checkpoint file is written to a temp file and renamed: none is half-written
         resume = f": python train.py --out {run.out} --resume continues from its last checkpoint" \
@@ -850,9 +826,6 @@ def main(argv=None):
 
 
 def train(run):
-    from adapter import is_adapter_param
-    from tokenizer import Tokenizer, TokenizerError
-
     precision = resolve_precision(run.precision, run.accelerator)
     fabric = make_fabric(run, precision)
     fabric.launch()
@@ -874,20 +847,13 @@ def train(run):
                      f"copies the cross-attention of {run.whisper}")
     with fabric.rank_zero_first():  # the first use converts the embedded checkpoints: once, not by every process
         try:
-            from convert_checkpoint import ConversionError, ensure_llm
-
             tokenizer = Tokenizer.from_dir(ensure_llm(run.llm))
-        except (ConversionError, TokenizerError) as e:
-            raise TrainError(str(e).splitlines()[0]) from None
+        except ProjectError as e:
+            raise TrainError(first_line(e)) from None
         train_set, dev_set, _ = load_data(run, tokenizer)
         if len(train_set) < run.batch_size:
             raise TrainError(f"{run.data}/train has {len(train_set)} utterances, fewer than one batch "
                              f"({run.batch_size}): lower --batch")
-        if dev_set is not None and run.dev_limit > 0:
-            import generate  # evaluate() decodes with generate.correct: if it is missing, fail now, not hours later
-
-            if not hasattr(generate, "correct"):
-                raise TrainError("generate.py has no correct() to decode the dev set: use --dev-limit 0")
         model, llm_dir = build(run, fabric, precision, train_set[0]["audio_features"].shape[-1])
     check_lengths([train_set, dev_set], model.config.block_size)
     model_config = model.config.to_dict()
@@ -938,7 +904,7 @@ def train(run):
               "steps_per_epoch": steps_per_epoch, "total_steps": total_steps,
               "trainable_parameters": n_train}
     if fabric.is_global_zero:
-        write_atomic(out_dir / "config.json", (json.dumps(config, indent=2) + "\n").encode())
+        write_atomic(out_dir / "config.json", json.dumps(config, indent=2) + "\n")
     fabric.print(f"WL-{run.variant}: {n_train / 1e6:.3f}M trainable of {n_all / 1e6:.1f}M parameters; "
                  f"{len(train_set)} train / {config['dev_utterances']} dev utterances, {steps_per_epoch} steps per "
                  f"epoch, batch {run.batch_size} = {run.micro_batch_size} × {config['accumulation_steps']} "

@@ -19,7 +19,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import prepare_data  # noqa: E402
-from whisper_model import load_audio, load_whisper, sample_nbest, sample_tokens, text_of  # noqa: E402
+from convert_checkpoint import load_whisper  # noqa: E402
+from whisper_model import load_audio, sample_nbest, sample_tokens, text_of  # noqa: E402
 
 
 def ours(model, tok, audios, samples, keep):

@@ -36,9 +36,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import adapter as A  # noqa: E402
 import convert_checkpoint  # noqa: E402
+import wl_checkpoint  # noqa: E402
 import train  # noqa: E402
 from prepare_data import IGNORE_INDEX  # noqa: E402
-from whisper_model import load_whisper  # noqa: E402
 
 CONFIGS = ("baseline", "fp32", "bf16", "bf16-trim")
 
@@ -63,7 +63,7 @@ def per_layer_projections(self, audio, projected=None):
 def build(name, whisper):
     """(model, autocast dtype or None) for a configuration."""
     torch.manual_seed(0)
-    model = A.build_model(convert_checkpoint.ensure_llm(None), whisper, trim_audio=name.endswith("trim")).float()
+    model = wl_checkpoint.build_model(convert_checkpoint.ensure_llm(None), whisper, trim_audio=name.endswith("trim")).float()
     if name.startswith("bf16"):
         with torch.no_grad():  # as train.py --precision bf16
             for p in model.parameters():
@@ -95,7 +95,7 @@ def micro_step(model, batch, dtype):
 
 def run_one(name, args) -> dict:
     """Time one configuration in this process."""
-    whisper, _ = load_whisper("tiny.en")
+    whisper, _ = convert_checkpoint.load_whisper("tiny.en")
     model, dtype = build(name, whisper)
     batch = make_batch(model, args)
     from torch.utils.flop_counter import FlopCounterMode
@@ -117,7 +117,7 @@ def run_one(name, args) -> dict:
 def loss_curves(args) -> dict:
     """Loss per step of fp32 and bf16 over args.steps AdamW steps (lr 1e-3, one micro-batch per step) from the
     same initial adapters on the same batches."""
-    whisper, _ = load_whisper("tiny.en")
+    whisper, _ = convert_checkpoint.load_whisper("tiny.en")
     curves = {}
     for name in ("fp32", "bf16"):
         model, dtype = build(name, whisper)

@@ -22,9 +22,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import convert_checkpoint  # noqa: E402
 import train  # noqa: E402
-from adapter import build_model  # noqa: E402
 from prepare_data import IGNORE_INDEX  # noqa: E402
-from whisper_model import load_whisper  # noqa: E402
+from wl_checkpoint import build_model  # noqa: E402
 
 
 def full_logits_loss(model, batch):
@@ -64,7 +63,7 @@ def main(argv=None):
         torch.set_num_threads(args.threads)
     try:
         llm_dir = convert_checkpoint.ensure_llm(args.llm)
-        whisper, _ = load_whisper(args.whisper)
+        whisper, _ = convert_checkpoint.load_whisper(args.whisper)
     except (convert_checkpoint.ConversionError, OSError, ValueError) as e:
         print(f"error: {str(e).splitlines()[0]}", file=sys.stderr)
         sys.exit(1)

@@ -391,7 +391,8 @@ def test_end_to_end_reader_and_labels(e2e_prepared, e2e_models):
     import jiwer
 
     from tokenizer import Tokenizer
-    from whisper_model import load_audio, load_whisper, log_mel_spectrogram, pad_or_trim
+    from convert_checkpoint import load_whisper
+    from whisper_model import load_audio, log_mel_spectrogram, pad_or_trim
 
     out, result = e2e_prepared
     tok = Tokenizer.from_dir(e2e_models["llm"])

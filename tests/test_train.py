@@ -16,6 +16,7 @@ import torch
 import torch.nn.functional as F
 
 import adapter as A
+import wl_checkpoint
 import prepare_data as P
 import train as T
 from convert_checkpoint import save_checkpoint
@@ -166,7 +167,7 @@ def load_adapter(path):
 
 def tiny_model(tiny, **overrides):
     torch.manual_seed(0)
-    return A.build_model(tiny["llm"], Whisper.from_checkpoint(tiny["whisper"]), **overrides)
+    return wl_checkpoint.build_model(tiny["llm"], Whisper.from_checkpoint(tiny["whisper"]), **overrides)
 
 
 def items(tiny, n, split="train"):
@@ -269,7 +270,7 @@ def test_linear_lr_decay():
 def train_set_loss(tiny, adapter_file=None):
     model = tiny_model(tiny)
     if adapter_file:
-        A.load_adapter_file(model, adapter_file)
+        wl_checkpoint.load_adapter_file(model, adapter_file)
     with torch.no_grad():
         total, n = T.micro_batch_loss(model, T.make_batch(items(tiny, 16)))
     return total.item() / n
@@ -309,7 +310,7 @@ def test_dev_wer_and_best_checkpoint(tiny, tmp_path):
     assert [int(r["step"]) for r in evals] == [4, 8] and all(r["dev_wer"] for r in evals)
     wers = [float(r["dev_wer"]) for r in evals]
     best = evals[int(np.argmin(wers))]  # the first of equal scores
-    meta = A.read_adapter_meta(out / "best.safetensors")
+    meta = wl_checkpoint.read_adapter_meta(out / "best.safetensors")
     assert meta["step"] == best["step"] and meta["config"]["variant"] == "M"
     assert meta["hypotheses"] == "reference"  # the data's n-best form travels with the adapter
     # provenance: the command line, the code's commit, the data and its summary
@@ -319,7 +320,7 @@ def test_dev_wer_and_best_checkpoint(tiny, tmp_path):
     assert summary["train"]["utterances"] == len(P.PreparedDataset(tiny["data"], "train"))
     assert Path(meta["whisper"]) == tiny["whisper"] and Path(meta["llm"]) == tiny["llm"]
     model = tiny_model(tiny)
-    A.load_adapter_file(model, out / "best.safetensors")
+    wl_checkpoint.load_adapter_file(model, out / "best.safetensors")
     model.eval()
     dev = items(tiny, 2, "dev")
     hyps = [correct(model, tiny["tok"], d["meta"]["hypotheses"], d["audio_features"]) for d in dev]
@@ -332,7 +333,7 @@ def test_early_stopping_keeps_the_best(tiny, tmp_path, monkeypatch, capsys):
     reference = tmp_path / "ref"
     T.main(args(tiny, reference, "--max-steps", "8"))  # the adapters after step 8
     scripted = iter([(5.0, 0.5), (4.0, 0.4), (3.0, 0.45), (2.0, 0.41), (1.0, 0.1)])
-    monkeypatch.setattr(T, "evaluate", lambda *a, **k: next(scripted))
+    monkeypatch.setattr(T, "validate", lambda *a, **k: next(scripted))
     out = tmp_path / "run"
     T.main(args(tiny, out, "--patience", "2"))
     printed = capsys.readouterr().out
@@ -341,7 +342,7 @@ def test_early_stopping_keeps_the_best(tiny, tmp_path, monkeypatch, capsys):
     assert len(train_losses(out)) == 16
     best, ref = load_adapter(out / "best.safetensors"), load_adapter(reference / "last.safetensors")
     assert all(torch.equal(best[k], ref[k]) for k in ref)
-    assert A.read_adapter_meta(out / "best.safetensors")["dev_wer"] == "0.4"
+    assert wl_checkpoint.read_adapter_meta(out / "best.safetensors")["dev_wer"] == "0.4"
     T.main(args(tiny, out, "--resume"))  # a finished run has nothing left to do
     assert "nothing to do" in capsys.readouterr().out and len(train_losses(out)) == 16
 
@@ -401,7 +402,7 @@ def test_resume_after_a_crash_between_checkpoints_equals_an_uninterrupted_run(ti
         T.main(args(tiny, parts, *common, "--max-steps", "9"))
     assert stopped.value.code == 130
     monkeypatch.undo()
-    assert A.read_adapter_meta(parts / "last.safetensors")["step"] == "6"
+    assert wl_checkpoint.read_adapter_meta(parts / "last.safetensors")["step"] == "6"
     assert len(train_losses(parts)) == 6  # the log as of the last checkpoint
     T.main(args(tiny, parts, "--resume", "--max-steps", "9"))
     assert train_losses(parts) == train_losses(whole)
