@@ -551,3 +551,26 @@ def test_cpu_default_precision_follows_the_measured_matmul_speed(monkeypatch):
     monkeypatch.setattr(T, "cpu_bf16_is_faster", lambda: False)
     assert T.resolve_precision(None, "cpu") == "32-true"
     assert T.resolve_precision("32", "cpu") == "32-true" and T.resolve_precision("bf16", "cpu") == "bf16"
+
+
+def test_run_settings_keep_the_names_that_run_folders_record():
+    """--resume reads config.json's "run" object: the Run fields are the keys every run folder has recorded (in
+    this order), so folders written before Run existed resume; the adapter flags set WLConfig's fields."""
+    recorded = ["data", "llm", "whisper", "adapter", "out", "variant", "kv_layout", "prompt_length", "start_layer",
+                "no_whisper", "random_audio", "random_init", "trim_audio", "no_mask", "learning_rate", "min_lr",
+                "weight_decay", "batch_size", "micro_batch_size", "epochs", "max_steps", "patience", "eval_every",
+                "dev_limit", "seed", "resume", "overwrite", "accelerator", "devices", "num_nodes", "strategy",
+                "precision", "threads", "argv", "hypotheses", "provenance"]
+    assert list(vars(T.Run())) == recorded
+    assert set(T.RECIPE) == {"data", "llm", "whisper", "variant", "kv_layout", "prompt_length", "start_layer",
+                             "no_whisper", "random_audio", "random_init", "no_mask", "trim_audio", "adapter",
+                             "learning_rate", "min_lr", "weight_decay", "batch_size", "epochs", "patience",
+                             "dev_limit", "eval_every", "seed"}
+    run = T.Run(variant="S", kv_layout="paper", prompt_length=40, start_layer=3, no_whisper=True, random_audio=True,
+                random_init=True, trim_audio=True)
+    assert T.adapter_settings(run) == dict(variant="S", kv_layout="paper", adapter_prompt_length=40,
+                                           adapter_start_layer=3, use_whisper=False, random_audio=True,
+                                           identity_init=False, trim_audio=True)
+    assert (T.flag("learning_rate"), T.flag("batch_size"), T.flag("micro_batch_size"), T.flag("no_whisper")) == \
+        ("--lr", "--batch", "--micro-batch", "--no-whisper")
+
