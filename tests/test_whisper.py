@@ -21,7 +21,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import convert_checkpoint  # noqa: E402
 import generate  # noqa: E402
-import prepare_data  # noqa: E402
+import demo_corpus  # noqa: E402
 import whisper_model as wm  # noqa: E402
 from convert_checkpoint import ConversionError  # noqa: E402
 from whisper_model import AudioError, ModelDimensions, Whisper  # noqa: E402
@@ -803,7 +803,7 @@ def tiny_en(embedded_whisper_dir):
 def espeak_mels():
     mels = []
     for s in SENTENCES:
-        audio, sr = prepare_data.synthesize(s, voice="en-us")
+        audio, sr = demo_corpus.synthesize(s, voice="en-us")
         mels.append(wm.log_mel_spectrogram(wm.resample(audio.astype(np.float32) / 32768, sr)))
     return torch.stack(mels)
 
@@ -849,7 +849,7 @@ def test_tiny_en_wer_on_espeak_is_the_measured_value(tiny_en, greedy_tokens):
 @pytest.mark.slow
 def test_nbest_of_a_noisy_clip(tiny_en):
     model, tok = tiny_en
-    audio, sr = prepare_data.synthesize("Please call Stella and ask her to bring these things from the store.")
+    audio, sr = demo_corpus.synthesize("Please call Stella and ask her to bring these things from the store.")
     audio = wm.resample(audio.astype(np.float32) / 32768, sr)
     noise = np.random.default_rng(0).standard_normal(len(audio)).astype(np.float32)
     audio = audio + noise * rms(audio) / rms(noise) / 10 ** (20 / 20)  # white noise at 20 dB SNR
