@@ -47,7 +47,6 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from model import Block, CausalSelfAttention, Config, LLaMA, RMSNorm, upcast
-from storage import check_state
 from whisper_model import cross_attention_kv
 
 VARIANTS = {  # name → (rank r: the bottleneck is W // r wide, one down/up pair shared by keys and values)
@@ -375,7 +374,7 @@ class WhisperingLLaMA(LLaMA):
 
 
 # ------------------------------------------------------------------------------------------------------
-# Frozen Whisper projections and the trained state (assembly and the file format: wl_checkpoint.py)
+# Frozen Whisper projections and the trained state (assembly, files and loading: wl_checkpoint.py)
 # ------------------------------------------------------------------------------------------------------
 
 @torch.no_grad()
@@ -404,20 +403,3 @@ def mark_only_adapter_as_trainable(model: nn.Module) -> None:
 def adapter_state_dict(model: nn.Module) -> dict:
     """Only the trained tensors: a few MB, independent of the LLM's size."""
     return {name: p.detach() for name, p in model.named_parameters() if is_adapter_param(name)}
-
-
-def load_adapter_state(model: nn.Module, state: dict) -> None:
-    """Load adapter tensors saved by `adapter_state_dict` (or renamed by wl_checkpoint.from_reference_names)."""
-    own = {name: p for name, p in model.named_parameters() if is_adapter_param(name)}
-    missing, extra, wrong = check_state({n: p.shape for n, p in own.items()}, state)
-    if missing or extra:
-        what = f"missing {sorted(missing)[0]!r}" if missing else f"unexpected {sorted(extra)[0]!r}"
-        raise ValueError(f"adapter checkpoint does not match the model ({what}): check variant, start layer and "
-                         "the LLM's depth")
-    if wrong:
-        name, got, want = wrong[0]
-        raise ValueError(f"adapter tensor {name!r} has shape {got}, the model expects {want}: an adapter for "
-                         "another LLM or Whisper size, or another variant")
-    with torch.no_grad():
-        for name, p in own.items():
-            p.copy_(state[name].to(p.dtype))

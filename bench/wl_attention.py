@@ -29,6 +29,7 @@ import torch.nn.functional as F
 
 import adapter as A
 from model import Config, build_rope_cache
+from whisper_model import N_AUDIO_FRAMES
 from wl_checkpoint import wl_config
 
 
@@ -89,7 +90,7 @@ def child(args):
     else:
         llm = Config.from_name("llama-7b", n_layer=1)
         cfg = wl_config(llm, whisper_width=1280, whisper_heads=20, whisper_layers=1, adapter_start_layer=0)
-        B, T, Fr = 4, 256, 1500
+        B, T, Fr = 4, 256, N_AUDIO_FRAMES
     attn = A.AdapterAttention(cfg, cfg.adapter_start_layer)
     for name, p in attn.named_parameters():
         if name.startswith("whisper_"):
@@ -143,7 +144,7 @@ def decode_steps(threads, small, steps=20):
     else:
         cfg = wl_config(Config.from_name("llama-7b", n_layer=1), whisper_width=1280, whisper_heads=20,
                           whisper_layers=1, adapter_start_layer=0)
-        Fr = 1500
+        Fr = N_AUDIO_FRAMES
     attn = A.AdapterAttention(cfg, cfg.adapter_start_layer).eval()
     for name, p in attn.named_parameters():
         if name.startswith("whisper_"):
