@@ -796,7 +796,7 @@ def normalise(text):
 
 @pytest.fixture(scope="module")
 def tiny_en(embedded_whisper_dir):
-    return wm.load_whisper(embedded_whisper_dir)
+    return convert_checkpoint.load_whisper(embedded_whisper_dir)
 
 
 @pytest.fixture(scope="module")
