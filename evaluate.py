@@ -33,15 +33,17 @@ from typing import Optional
 import torch
 from tqdm import tqdm
 
-from generate import add_adapter_flags, adapter_requests
-from prepare_data import InputError, PreparedDataset, normalize_text, utterance_seed
+import generate  # its functions by module attribute: tests replace generate.correct and generate.load_llm
+from generate import GenerateError, add_adapter_flags, adapter_requests
+from prepare_data import PreparedDataset, normalize_text, utterance_seed, word_errors
+from storage import ProjectError, first_line, write_atomic
 
 ROOT = Path(__file__).resolve().parent
 NORMALISATIONS = ("raw", "light", "whisper")
 ONE_BEST, ORACLE = "1-best", "oracle"  # the two baseline rows
 
 
-class EvalError(Exception):
+class EvalError(ProjectError):
     """Bad input to the evaluation: a missing data folder or adapter, an empty split, mismatched models."""
 
 
@@ -77,16 +79,6 @@ NORMALISERS = {"raw": raw, "light": light_normalize, "whisper": whisper_normaliz
 # ----------------------------------------------------------------------------------------------------
 # Metrics: small pure functions
 # ----------------------------------------------------------------------------------------------------
-
-def word_errors(reference: str, hypothesis: str) -> tuple:
-    """(word errors, reference words) of one pair: substitutions + deletions + insertions after a minimum
-    edit-distance alignment of the whitespace-separated words (jiwer). An empty reference has 0 words, and
-    every hypothesis word is an insertion."""
-    import jiwer
-
-    out = jiwer.process_words(reference, hypothesis)
-    return out.substitutions + out.deletions + out.insertions, out.hits + out.substitutions + out.deletions
-
 
 def corpus_wer(references, hypotheses) -> float:
     """Corpus WER as a fraction: the total errors over the total reference words (not a mean of
@@ -224,23 +216,11 @@ def utterance_lines(utterances, outputs, details) -> list:
     return lines
 
 
-def _write_atomic(path: Path, text: str):
-    """The whole file or the old one: a temp file renamed over it (an interruption leaves no half table)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    try:
-        tmp.write_text(text, encoding="utf-8")
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-
-
 def write_report(out: Path, markdown: str, lines) -> Path:
     """The table to `out` and the per-utterance lines to the .jsonl beside it. Returns the JSONL path."""
     jsonl = out.with_suffix(".jsonl")
-    _write_atomic(out, markdown)
-    _write_atomic(jsonl, "".join(json.dumps(line, ensure_ascii=False) + "\n" for line in lines))
+    write_atomic(out, markdown)
+    write_atomic(jsonl, "".join(json.dumps(line, ensure_ascii=False) + "\n" for line in lines))
     return jsonl
 
 
@@ -305,16 +285,13 @@ def run_adapter(adapter, ds: PreparedDataset, llm=None, whisper=None, device="cp
     and the Whisper (name, folder or model) that the adapter file names; requested: generate.ADAPTER_FLAGS
     settings for what the file leaves open. The split must hold n-best lists in the adapter's form.
     cache: a JSONL file that receives each output as it is decoded and that a rerun takes them back from."""
-    from convert_checkpoint import ConversionError
-    from generate import GenerateError, correct, load_wl
-
     adapter = Path(adapter)
     if not adapter.is_file():
         raise EvalError(f"adapter checkpoint {adapter} not found")
     try:
-        model, tokenizer = load_wl(adapter, llm=llm, whisper=whisper, device=device, **(requested or {}))
-    except (GenerateError, ConversionError, OSError, ValueError) as e:
-        message = str(e).splitlines()[0] if str(e) else type(e).__name__
+        model, tokenizer = generate.load_wl(adapter, llm=llm, whisper=whisper, device=device, **(requested or {}))
+    except (ProjectError, OSError, ValueError) as e:
+        message = first_line(e)
         raise EvalError(message if str(adapter) in message else f"{adapter}: cannot load it: {message}") from None
     data_form = ds.meta.get("hypotheses", "logprob")
     if model.hypothesis_form != data_form:
@@ -343,8 +320,8 @@ def run_adapter(adapter, ds: PreparedDataset, llm=None, whisper=None, device="cp
                                     "feature model")
                 meta = item["meta"]
                 try:
-                    outputs.append(correct(model, tokenizer, meta["hypotheses"], features.to(device),
-                                           max_new_tokens=max_new_tokens, audio_frames=meta.get("n_frames")))
+                    outputs.append(generate.correct(model, tokenizer, meta["hypotheses"], features.to(device),
+                                                    max_new_tokens=max_new_tokens, audio_frames=meta.get("n_frames")))
                 except GenerateError as e:  # e.g. a prompt longer than the LLM's context
                     raise EvalError(f"{meta['id']}: {e}") from None
                 if cache is not None:  # one whole line per write: a kill leaves at most one torn line, ignored
@@ -410,11 +387,9 @@ def tune_rescoring(utterances, scores, weights=RESCORE_WEIGHTS) -> float:
 def rescoring_rows(data, split, ds, llm=None, device="cpu", tune_split="dev", progress=True) -> dict:
     """{row name: outputs} for LLM n-best rescoring on ds: the LM alone, and the LM interpolated with
     Whisper's log-prob with λ tuned on `tune_split` (never on the split being scored)."""
-    from generate import load_llm
-
     if tune_split == split:
         raise EvalError(f"--tune-split {tune_split} is the split being scored: tune on another (dev)")
-    model, tokenizer = load_llm(llm, device=device)
+    model, tokenizer = generate.load_llm(llm, device=device)
     scores = lm_scores(model, tokenizer, ds.entries, progress)
     dev = load_split(data, tune_split)
     weight = tune_rescoring(dev.entries, lm_scores(model, tokenizer, dev.entries, progress))
@@ -425,9 +400,7 @@ def rescoring_rows(data, split, ds, llm=None, device="cpu", tune_split="dev", pr
 def default_adapters() -> list:
     """[the best checkpoint of the latest training run under out/, else the shipped demo adapter], or [] when
     there is neither: generate.py's default (generate.default_adapter), so that both scripts use one adapter."""
-    from generate import default_adapter
-
-    latest = default_adapter()
+    latest = generate.default_adapter()
     if latest is None:
         return []
     try:
@@ -516,9 +489,8 @@ def main(argv=None):
         result = evaluate(args.data, args.split, args.adapter, args.limit, args.out, args.llm, args.whisper,
                           args.device, args.max_new_tokens, args.select, requested=adapter_requests(args),
                           rescoring=args.rescore, tune_split=args.tune_split)
-    except (EvalError, InputError, OSError, ValueError) as e:
-        message = str(e).splitlines()[0] if str(e) else type(e).__name__
-        print(f"error: {message}", file=sys.stderr)
+    except (ProjectError, OSError, ValueError) as e:
+        print(f"error: {first_line(e)}", file=sys.stderr)
         sys.exit(1)
     except KeyboardInterrupt:  # the table is untouched; the outputs decoded so far are in the .partial folder
         print("interrupted; rerun the same command to continue where it stopped", file=sys.stderr)

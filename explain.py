@@ -38,16 +38,16 @@ Two things a reader of the listening panel should know:
 import io
 import json
 import math
-import os
-import tempfile
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
 from model import apply_rope, build_rope_cache
+from storage import write_atomic
+from whisper_model import FRAMES_PER_SECOND
 
-FRAME_SECONDS = 0.02  # one Whisper encoder frame: the stride-2 conv over 10 ms mel frames (1500 frames = 30 s)
+FRAME_SECONDS = 1 / FRAMES_PER_SECOND  # one Whisper encoder frame (20 ms): the stride-2 conv over 10 ms mel frames
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -415,23 +415,6 @@ def draw(expl: dict, path, mel=None, title=""):
     fig.savefig(buf, format="png", dpi=80)
     plt.close(fig)
     write_atomic(path, buf.getvalue())
-
-
-def write_atomic(path, data: bytes):
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes it private; the result is an ordinary file
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
 
 
 def write(expl: dict, png, mel=None, title=""):

@@ -1,4 +1,5 @@
-"""Correct a speech transcript with Whispering-LLaMA, or generate text with the plain LLM.
+"""Correct a speech transcript with Whispering-LLaMA, or generate text with the plain LLM; and the command line
+of Whisper alone (`whisper_main`, which `python whisper_model.py` runs: greedy, beam search or the n-best).
 
     python generate.py --audio x.wav                      # Whisper n-best + audio features → corrected transcript
     python generate.py --audio x.wav --verbose            # ... also the n-best list and the Whisper 1-best
@@ -23,8 +24,6 @@ cache (prefill), then each new token costs one forward pass over that token alon
 """
 import argparse
 import json
-import math
-import os
 import sys
 import time
 from pathlib import Path
@@ -33,8 +32,13 @@ from typing import Iterable, Optional, Union
 import torch
 
 import convert_checkpoint
+import whisper_model as wm
 from model import LLaMA
+from prepare_data import AUDIO_EXTENSIONS, HYPOTHESIS_FORMS, InputError, build_prompt, read_manifest, \
+    select_hypotheses
+from storage import ProjectError, first_line, write_atomic
 from tokenizer import Tokenizer
+from wl_checkpoint import build_model, load_adapter_state, merge_settings, read_adapter_file, read_adapter_meta
 
 # Chat prompt formats. {system} and {prompt} are filled in; BOS is added by the tokenizer where the model
 # uses one (tokenizer.add_bos: LLaMA-2's "<s>", LLaMA-3's "<|begin_of_text|>").
@@ -64,7 +68,7 @@ CHAT_FORMATS = {
 }
 
 
-class GenerateError(Exception):
+class GenerateError(ProjectError):
     """Bad input to generation (empty prompt, prompt longer than the model's context, ...)."""
 
 
@@ -89,12 +93,14 @@ def sample(logits: torch.Tensor, temperature: float = 1.0, top_k: Optional[int] 
 
 @torch.inference_mode()
 def generate(model, idx: torch.Tensor, max_new_tokens: int, temperature: float = 1.0, top_k: Optional[int] = None,
-             eos_id: Union[int, Iterable[int], None] = None, **model_kwargs) -> torch.Tensor:
+             eos_id: Union[int, Iterable[int], None] = None, audio: Optional[torch.Tensor] = None,
+             audio_frames: Optional[int] = None) -> torch.Tensor:
     """Extend the prompt idx (T,) by up to max_new_tokens tokens; returns (T + n,).
 
     Generation stops when a token in eos_id (one id or several, e.g. EOS and an end-of-turn token) is
-    drawn; that token is not included. model_kwargs go to the prefill forward only: the adapter's audio,
-    whose keys/values the model caches for the later steps."""
+    drawn; that token is not included. audio (1, F, W), for a WhisperingLLaMA: the encoder features go to the
+    prefill forward only (the model caches their keys/values for the later steps), with audio_frames, the
+    frames that carry audio (used by adapters trained with trim_audio)."""
     if idx.dim() != 1 or idx.numel() == 0:
         raise GenerateError("the prompt must be a non-empty 1-D tensor of token ids")
     T = idx.size(0)
@@ -108,7 +114,10 @@ def generate(model, idx: torch.Tensor, max_new_tokens: int, temperature: float =
         # Prefill: the whole prompt in one pass; only the last position's logits are needed.
         last = torch.zeros(1, T, dtype=torch.bool, device=device)
         last[0, -1] = True
-        logits = model(idx[None], input_pos=torch.arange(T, device=device), logits_mask=last, **model_kwargs)[-1]
+        prefill = dict(input_pos=torch.arange(T, device=device), logits_mask=last)
+        if audio is not None:
+            prefill.update(audio=audio, audio_frames=audio_frames)
+        logits = model(idx[None], **prefill)[-1]
         tokens = [idx]
         for pos in range(T, max_len):
             next_id = sample(logits, temperature, top_k)  # (1,)
@@ -186,8 +195,6 @@ def find_latest_adapter(root=None) -> Optional[Path]:
     best = sorted(root.rglob("best.safetensors"), key=lambda p: p.stat().st_mtime)
     if best:
         return best[-1]
-    from adapter import read_adapter_meta
-
     def is_adapter(p):
         try:
             return bool(read_adapter_meta(p))
@@ -203,7 +210,7 @@ def say(text: str) -> Path:
     corpus never uses, mild noise), made once."""
     import hashlib
 
-    from prepare_data import DEMO_SAMPLE_RATE, HELDOUT_VOICE, _write_audio_atomic, demo_utterance_settings, \
+    from demo_corpus import DEMO_SAMPLE_RATE, HELDOUT_VOICE, _write_audio_atomic, demo_utterance_settings, \
         render_demo_utterance
 
     path = OUT / "say" / f"{hashlib.sha1(text.encode()).hexdigest()[:12]}.flac"
@@ -221,15 +228,12 @@ ADAPTER_FLAGS = {"kv_layout": "--kv-layout", "variant": "--variant", "adapter_pr
 def load_wl(adapter=None, llm=None, whisper=None, device="cpu", dtype=None, **requested):
     """(model, tokenizer) of a trained Whispering-LLaMA.
 
-    adapter: a file saved by adapter.save_adapter (train.py's checkpoints), whose metadata names the adapter
+    adapter: a file saved by wl_checkpoint.save_adapter (train.py's checkpoints), whose metadata names the adapter
     config, the n-best form and the LLM / Whisper it was trained with (`llm` / `whisper` override the last two),
     or a .pth of the reference research code, whose names and shapes determine its layout ("paper"), variant,
     prompt length and start layer. requested: ADAPTER_FLAGS settings for what the file leaves open.
     `whisper` is a whisper_model.Whisper or a name/folder: the model whose decoder cross-attention AiW copies
     (the feature model). model.hypothesis_form is the n-best text form its prompts must use."""
-    from adapter import build_model, load_adapter_state, merge_settings, read_adapter_file, read_adapter_meta
-    from whisper_model import load_whisper
-
     adapter = Path(adapter)
     if not adapter.is_file():
         raise GenerateError(f"adapter checkpoint {adapter} not found")
@@ -243,7 +247,7 @@ def load_wl(adapter=None, llm=None, whisper=None, device="cpu", dtype=None, **re
     form = settings.pop("hypotheses", "logprob")
     llm_dir = convert_checkpoint.ensure_llm(llm or meta.get("llm") or None)
     if whisper is None or isinstance(whisper, (str, Path)):
-        whisper, _ = load_whisper(whisper or meta.get("whisper") or "tiny.en", device=device)
+        whisper, _ = convert_checkpoint.load_whisper(whisper or meta.get("whisper") or "tiny.en", device=device)
     model = build_model(llm_dir, whisper if settings.get("use_whisper", True) else None, device=device, **settings)
     try:
         load_adapter_state(model, state)
@@ -266,8 +270,6 @@ def correct(model, tokenizer, hypotheses, audio_features, max_new_tokens: int = 
     """One utterance: its n-best hypotheses and audio features (F, W) or (1, F, W) → corrected transcript.
     Greedy decoding with the KV cache; the audio's keys/values are computed once, at the prefill.
     audio_frames: encoder frames that carry the audio (ceil(seconds · 50)), for adapters with trim_audio."""
-    from prepare_data import build_prompt
-
     if not hypotheses:
         raise GenerateError("no hypotheses to correct")
     audio = audio_features if audio_features.dim() == 3 else audio_features[None]
@@ -275,8 +277,8 @@ def correct(model, tokenizer, hypotheses, audio_features, max_new_tokens: int = 
     audio = audio.to(param.device)
     # Encoded exactly as in training (prepare_data.tokenize_example): BOS, the prompt, no EOS.
     prompt_ids = tokenizer.encode(build_prompt(hypotheses), bos=True, eos=False, special=False).to(param.device)
-    kwargs = dict(audio_frames=audio_frames) if audio_frames is not None else {}
-    ids = generate(model, prompt_ids, max_new_tokens, temperature=0.0, eos_id=tokenizer.eos_id, audio=audio, **kwargs)
+    ids = generate(model, prompt_ids, max_new_tokens, temperature=0.0, eos_id=tokenizer.eos_id, audio=audio,
+                   audio_frames=audio_frames)
     return response_text(tokenizer.decode(ids[len(prompt_ids):]))
 
 
@@ -284,8 +286,6 @@ def audio_inputs(paths) -> list:
     """--audio arguments → what to transcribe, in order: files as given, folders searched for audio, manifests
     read. An argument that gives no file becomes (argument, problem) in its place: it is reported when its turn
     comes, and the others still run."""
-    from prepare_data import AUDIO_EXTENSIONS, InputError, read_manifest
-
     items = []
     for p in map(Path, paths):
         if p.is_dir():
@@ -301,10 +301,9 @@ def audio_inputs(paths) -> list:
     return items
 
 
-def windows(audio, seconds: int = 30, sample_rate: int = 16000) -> list:
-    """Consecutive windows of at most 30 s: Whisper's encoder sees 30 s at a time."""
-    n = seconds * sample_rate
-    return [audio[i:i + n] for i in range(0, len(audio), n)] or [audio]
+def windows(audio) -> list:
+    """Consecutive windows of at most 30 s (whisper_model.windows): Whisper's encoder sees 30 s at a time."""
+    return wm.windows(audio) or [audio]
 
 
 WINDOW_BATCH = 8  # 30 s windows encoded together: a long recording is not held as one (hours, F, W) batch
@@ -313,9 +312,6 @@ WINDOW_BATCH = 8  # 30 s windows encoded together: a long recording is not held 
 def transcribe_and_correct(path, hyp_model, hyp_tok, feat_model, wl, tokenizer, args) -> dict:
     """One audio file → dict(file, one_best, nbest, corrected) with 30 s windows joined by spaces.
     The n-best list of each window is in the adapter's hypothesis form (prepare_data.HYPOTHESIS_FORMS)."""
-    import whisper_model as wm
-    from prepare_data import select_hypotheses
-
     audio = wm.load_audio(path)
     pieces = windows(audio)
     one_best, nbest, corrected = [], [], []
@@ -343,8 +339,8 @@ def transcribe_and_correct(path, hyp_model, hyp_tok, feat_model, wl, tokenizer, 
                 if not hyps:  # Whisper wrote nothing but empty samples (silence): nothing to correct
                     corrected.append(one_best[b + i])
                     continue
-                frames = math.ceil(len(piece) / 320)  # 50 encoder frames per second of 16 kHz audio
-                corrected.append(correct(wl, tokenizer, hyps, wl_feats[i], args.max_new_tokens, audio_frames=frames))
+                corrected.append(correct(wl, tokenizer, hyps, wl_feats[i], args.max_new_tokens,
+                                         audio_frames=wm.encoder_frames(len(piece))))
     result = dict(file=str(path), one_best=" ".join(t.strip() for t in one_best).strip(), nbest=nbest,
                   corrected=None)
     if wl is not None:
@@ -360,8 +356,6 @@ def adapter_requests(args) -> dict:
 def add_adapter_flags(parser):
     """Settings for adapter files that do not record them (this project's files record all; the reference
     code's .pth files determine layout, variant, prompt length, start layer and form by themselves)."""
-    from prepare_data import HYPOTHESIS_FORMS
-
     g = parser.add_argument_group("adapter settings (only where the adapter file leaves them open)")
     g.add_argument("--kv-layout", choices=("heads", "paper"), default=None,
                    help="how Whisper keys/values split into heads ('paper': the reference code's)")
@@ -396,9 +390,7 @@ def read_results(path: Path) -> list:
     records = [r for r in records if "error" not in r]
     text = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records).encode()
     if text != raw:
-        tmp = path.with_name(f".{path.name}.tmp")
-        tmp.write_bytes(text)
-        os.replace(tmp, path)
+        write_atomic(path, text)
     return records
 
 
@@ -408,11 +400,27 @@ def write_line(stream, record: dict):
     stream.flush()
 
 
+def load_audio_models(args):
+    """(hypothesis Whisper, its tokenizer, feature Whisper, Whispering-LLaMA or None, LLM tokenizer or None) for
+    --audio: the adapter of --adapter (default: the latest run's best) names the feature model it was trained on."""
+    adapter = args.adapter or default_adapter()
+    meta = read_adapter_meta(adapter) if adapter and Path(adapter).suffix == ".safetensors" else {}
+    hyp_model, hyp_tok = convert_checkpoint.load_whisper(args.whisper, device=args.device)
+    feature_name = args.feature_whisper or meta.get("whisper") or args.whisper
+    feat_model = hyp_model if feature_name == args.whisper else \
+        convert_checkpoint.load_whisper(feature_name, device=args.device)[0]
+    if adapter is None:
+        print("notice: no trained adapter found (train one with train.py, or pass --adapter); "
+              "printing the Whisper 1-best, not a correction", file=sys.stderr)
+        return hyp_model, hyp_tok, feat_model, None, None
+    wl, tokenizer = load_wl(adapter, llm=args.llm, whisper=feat_model, device=args.device,
+                            dtype=getattr(torch, args.dtype), **adapter_requests(args))
+    return hyp_model, hyp_tok, feat_model, wl, tokenizer
+
+
 def run_audio(args) -> int:
     """--audio: Whisper n-best → Whispering-LLaMA correction, for every file. A file that fails gets a one-line
     error (and an error record with --json / --out) and the others still run. Returns how many failed."""
-    import whisper_model as wm
-    from adapter import read_adapter_meta
     from tqdm import tqdm
 
     items = audio_inputs(args.audio)
@@ -437,20 +445,9 @@ def run_audio(args) -> int:
     try:
         wl = tokenizer = hyp_model = hyp_tok = feat_model = None
         if any(not isinstance(i, tuple) for i in todo):  # models only when there is audio to read
-            adapter = args.adapter or default_adapter()
-            meta = read_adapter_meta(adapter) if adapter and Path(adapter).suffix == ".safetensors" else {}
-            hyp_model, hyp_tok = wm.load_whisper(args.whisper, device=args.device)
-            feature_name = args.feature_whisper or meta.get("whisper") or args.whisper
-            feat_model = hyp_model if feature_name == args.whisper else wm.load_whisper(feature_name,
-                                                                                       device=args.device)[0]
-            if adapter is None:
-                print("notice: no trained adapter found (train one with train.py, or pass --adapter); "
-                      "printing the Whisper 1-best, not a correction", file=sys.stderr)
-                if args.explain or args.explain_dir:
-                    print("notice: no adapter, so no correction to explain (--explain)", file=sys.stderr)
-            else:
-                wl, tokenizer = load_wl(adapter, llm=args.llm, whisper=feat_model, device=args.device,
-                                        dtype=getattr(torch, args.dtype), **adapter_requests(args))
+            hyp_model, hyp_tok, feat_model, wl, tokenizer = load_audio_models(args)
+            if wl is None and (args.explain or args.explain_dir):
+                print("notice: no adapter, so no correction to explain (--explain)", file=sys.stderr)
         n_failed = 0
         for item in tqdm(todo, desc="correcting", unit="file", disable=len(todo) < 2):
             if isinstance(item, tuple):  # a folder without audio, a manifest that cannot be read
@@ -564,7 +561,26 @@ def main(argv=None):
     parser.add_argument("--device", default="cpu", help="torch device (default cpu)")
     parser.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32",
                         help="weights and activations dtype (default float32)")
-    args = parser.parse_args(argv)
+    args = check_args(parser, parser.parse_args(argv))
+    torch.manual_seed(args.seed)
+    try:
+        if args.audio is not None:
+            failed = run_audio(args)
+            if failed:
+                sys.exit(1)  # each failure has had its own line
+        else:
+            print(run_text(args))
+    except (ProjectError, ValueError, OSError) as e:
+        print(f"error: {first_line(e)}", file=sys.stderr)
+        sys.exit(1)
+    except KeyboardInterrupt:
+        resume = f"; rerun with --out {args.out} to continue" if args.out is not None else ""
+        print(f"interrupted{resume}", file=sys.stderr)
+        sys.exit(130)
+
+
+def check_args(parser, args):
+    """Refuse flag values and combinations that cannot work (argparse's usage error); --say becomes --audio."""
     if args.max_new_tokens < 1:
         parser.error("--max-new-tokens must be at least 1")
     if args.temperature < 0:
@@ -585,27 +601,59 @@ def main(argv=None):
         parser.error("give --explain (one file) or --explain-dir (many), not both")
     if args.explain and (len(args.audio) > 1 or Path(args.audio[0]).is_dir()):
         parser.error("--explain writes one figure: for several files use --explain-dir")
-    torch.manual_seed(args.seed)
+    return args
+
+
+def whisper_main(argv=None):
+    """`python whisper_model.py`: transcribe one file with Whisper alone (greedy, beam search or the n-best)."""
+    parser = argparse.ArgumentParser(
+        description="Transcribe an audio file with Whisper (greedy by default). Audio longer than 30 s is "
+                    "decoded in consecutive 30 s windows (greedy/beam only).")
+    parser.add_argument("--audio", required=True, help="audio file (wav, flac, ogg, mp3 where supported)")
+    parser.add_argument("--model", default="tiny.en",
+                        help="model name (checkpoints/whisper-<name>/) or checkpoint folder; default tiny.en, "
+                             "converted from the embedded weights on first use")
+    parser.add_argument("--beam", type=int, default=0, help="beam search with this beam size (0: greedy)")
+    parser.add_argument("--nbest", type=int, default=0,
+                        help="print the ranked n-best list of this many sampled hypotheses (paper default 15)")
+    parser.add_argument("--samples", type=int, default=200, help="samples drawn for --nbest")
+    parser.add_argument("--temperature", type=float, nargs=2, default=(0.7, 0.8), metavar=("LO", "HI"),
+                        help="sampling temperature range for --nbest")
+    parser.add_argument("--top-k", type=int, default=None, help="top-k filtering when sampling")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--device", default="cpu")
+    args = parser.parse_args(argv)
+    if args.beam < 0 or args.nbest < 0 or args.samples < 1:
+        parser.error("--beam and --nbest must be >= 0 and --samples >= 1")
     try:
-        if args.audio is not None:
-            failed = run_audio(args)
-            if failed:
-                sys.exit(1)  # each failure has had its own line
-        else:
-            print(run_text(args))
-    except (GenerateError, convert_checkpoint.ConversionError, FileNotFoundError, ValueError, OSError) as e:
-        print(f"error: {one_line(e)}", file=sys.stderr)
+        text = transcribe_whisper(args)
+        if text or not args.nbest:  # an empty n-best prints nothing, an empty transcript an empty line
+            print(text)
+    except (ProjectError, OSError, ValueError) as e:
+        print(f"error: {first_line(e)}", file=sys.stderr)
         sys.exit(1)
     except KeyboardInterrupt:
-        resume = f"; rerun with --out {args.out} to continue" if args.out is not None else ""
-        print(f"interrupted{resume}", file=sys.stderr)
+        print("interrupted", file=sys.stderr)
         sys.exit(130)
 
 
-def one_line(e: Exception) -> str:
-    """An exception as one line for `error: ...` (our messages are one line; a library's may not be)."""
-    text = str(e).strip()
-    return text.splitlines()[0] if text else type(e).__name__
+def transcribe_whisper(args) -> str:
+    """whisper_main's work: the greedy or beam transcript of every 30 s window, joined, or the ranked n-best."""
+    audio = wm.load_audio(args.audio)
+    model, tokenizer = convert_checkpoint.load_whisper(args.model, device=args.device)
+    pieces = wm.windows(audio)
+    if args.nbest and len(pieces) > 1:
+        raise wm.AudioError(f"{args.audio}: --nbest takes a clip of at most {wm.CHUNK_LENGTH} s")
+    mel = torch.stack([wm.log_mel_spectrogram(w, model.dims.n_mels, device=args.device) for w in pieces])
+    with torch.no_grad():
+        features = model.embed_audio(mel)
+    if args.nbest:
+        nbest = wm.sample_nbest(model, tokenizer, features, args.samples, args.nbest, tuple(args.temperature),
+                                seed=args.seed, top_k=args.top_k)
+        return "\n".join(f"{i:3d}  {lp:9.3f}  {text}" for i, (text, lp) in enumerate(nbest, 1))
+    if args.beam:
+        return " ".join(wm.decode_beam(model, tokenizer, features, args.beam)).strip()
+    return " ".join(wm.decode_greedy(model, tokenizer, features)).strip()
 
 
 if __name__ == "__main__":

@@ -16,15 +16,16 @@ Conventions that the rest of the project relies on:
 - One fused projection `attn.qkv` produces [all query heads; all key groups; all value groups].
   The adapter (adapter.py) reuses exactly this projection for its prefix keys and values.
 """
-import json
 import math
-from dataclasses import asdict, dataclass, field, fields, replace
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Optional
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+
+from storage import load_weights, read_json_config, read_safetensors
 
 
 @dataclass
@@ -82,34 +83,23 @@ configs = {
     # LLaMA-2 (70B uses grouped-query attention with 8 key/value groups)
     "llama-2-7b": dict(block_size=4096, n_layer=32, n_head=32, n_embd=4096, intermediate_size=11008),
     "llama-2-13b": dict(block_size=4096, n_layer=40, n_head=40, n_embd=5120, intermediate_size=13824),
-    "llama-2-70b": dict(
-        block_size=4096, n_layer=80, n_head=64, n_embd=8192, n_query_groups=8, intermediate_size=28672
-    ),
+    "llama-2-70b": dict(block_size=4096, n_layer=80, n_head=64, n_embd=8192, n_query_groups=8,
+                        intermediate_size=28672),
     # LLaMA-3 / 3.1 (128k vocabulary, θ = 500000; 3.1 adds frequency scaling for long context)
-    "llama-3-8b": dict(
-        block_size=8192, vocab_size=128256, n_layer=32, n_head=32, n_embd=4096, n_query_groups=8,
-        intermediate_size=14336, rope_base=500000.0,
-    ),
-    "llama-3.1-8b": dict(
-        block_size=131072, vocab_size=128256, n_layer=32, n_head=32, n_embd=4096, n_query_groups=8,
-        intermediate_size=14336, rope_base=500000.0,
-        rope_scaling=dict(factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0,
-                          original_max_position_embeddings=8192),
-    ),
+    "llama-3-8b": dict(block_size=8192, vocab_size=128256, n_layer=32, n_head=32, n_embd=4096, n_query_groups=8,
+                       intermediate_size=14336, rope_base=500000.0),
+    "llama-3.1-8b": dict(block_size=131072, vocab_size=128256, n_layer=32, n_head=32, n_embd=4096,
+                         n_query_groups=8, intermediate_size=14336, rope_base=500000.0,
+                         rope_scaling=dict(factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0,
+                                           original_max_position_embeddings=8192)),
     "tinyllama-1.1b": dict(n_layer=22, n_head=32, n_embd=2048, n_query_groups=4, intermediate_size=5632),
     # SmolLM2 (tied embeddings, 49152-token byte-level BPE)
-    "smollm2-135m": dict(
-        block_size=8192, vocab_size=49152, n_layer=30, n_head=9, n_embd=576, n_query_groups=3,
-        intermediate_size=1536, rope_base=100000.0, tie_embeddings=True,
-    ),
-    "smollm2-360m": dict(
-        block_size=8192, vocab_size=49152, n_layer=32, n_head=15, n_embd=960, n_query_groups=5,
-        intermediate_size=2560, rope_base=100000.0, tie_embeddings=True,
-    ),
-    "smollm2-1.7b": dict(
-        block_size=8192, vocab_size=49152, n_layer=24, n_head=32, n_embd=2048, n_query_groups=32,
-        intermediate_size=8192, rope_base=130000.0, tie_embeddings=True,
-    ),
+    "smollm2-135m": dict(block_size=8192, vocab_size=49152, n_layer=30, n_head=9, n_embd=576, n_query_groups=3,
+                         intermediate_size=1536, rope_base=100000.0, tie_embeddings=True),
+    "smollm2-360m": dict(block_size=8192, vocab_size=49152, n_layer=32, n_head=15, n_embd=960, n_query_groups=5,
+                         intermediate_size=2560, rope_base=100000.0, tie_embeddings=True),
+    "smollm2-1.7b": dict(block_size=8192, vocab_size=49152, n_layer=24, n_head=32, n_embd=2048,
+                         n_query_groups=32, intermediate_size=8192, rope_base=130000.0, tie_embeddings=True),
     # For tests: small enough to run anywhere, with GQA so every code path is exercised.
     "tiny": dict(block_size=256, vocab_size=512, n_layer=2, n_head=4, n_embd=64, n_query_groups=2,
                  intermediate_size=128),
@@ -130,10 +120,9 @@ class RMSNorm(nn.Module):
         self.eps = eps
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        dtype = x.dtype
-        x = upcast(x)
-        x = x * torch.rsqrt(x.pow(2).mean(dim=-1, keepdim=True) + self.eps)
-        return (x * self.weight.to(x.dtype)).to(dtype)
+        x32 = upcast(x)  # the mean of squares in fp32, also for half-precision activations
+        x32 = x32 * torch.rsqrt(x32.pow(2).mean(dim=-1, keepdim=True) + self.eps)
+        return (x32 * self.weight.to(x32.dtype)).to(x.dtype)
 
 
 def rope_frequencies(head_size: int, base: float, scaling: Optional[dict] = None) -> torch.Tensor:
@@ -161,9 +150,8 @@ def build_rope_cache(seq_len: int, head_size: int, base: float, scaling=None, de
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate each interleaved pair (x[2i], x[2i+1]) of every head by its angle.
-
-    x: (B, n_heads, T, D); cos, sin: (T, D/2)."""
+    """Rotate each interleaved pair (x[2i], x[2i+1]) of every head by its angle. x: (B, n_heads, T, D);
+    cos, sin: (T, D/2)."""
     x1, x2 = upcast(x)[..., 0::2], upcast(x)[..., 1::2]
     rotated = torch.stack((x1 * cos - x2 * sin, x1 * sin + x2 * cos), dim=-1)
     return rotated.flatten(-2).to(x.dtype)
@@ -180,8 +168,7 @@ class KVCache(nn.Module):
     def forward(self, input_pos: torch.Tensor, k: torch.Tensor, v: torch.Tensor):
         """Write k, v (B, G, T, D) at positions input_pos (T,) and return the cache up to the last
         written position, which is all any query in this step may attend to."""
-        self.k = self.k.to(k.dtype)
-        self.v = self.v.to(v.dtype)
+        self.k, self.v = self.k.to(k.dtype), self.v.to(v.dtype)  # follow the step's dtype (autocast); no-op if equal
         self.k.index_copy_(2, input_pos, k)
         self.v.index_copy_(2, input_pos, v)
         end = int(input_pos.max()) + 1
@@ -222,10 +209,9 @@ class CausalSelfAttention(nn.Module):
                 raise RuntimeError("call model.set_kv_cache(...) before decoding with input_pos")
             k, v = self.kv_cache(input_pos, k, v)
             mask = mask[..., : k.shape[2]]
-        y = F.scaled_dot_product_attention(
-            q, k, v, attn_mask=mask, is_causal=mask is None,
-            enable_gqa=self.n_query_groups != self.n_head,  # query head h reads group h // (H/G)
-        )
+        # softmax(q kᵀ/√D + mask) v, where query head h reads key/value group h // (H/G)
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None,
+                                           enable_gqa=self.n_query_groups != self.n_head)
         return q, y
 
     def project(self, y: torch.Tensor) -> torch.Tensor:
@@ -259,9 +245,8 @@ class Block(nn.Module):
         self.norm_2 = RMSNorm(config.n_embd, config.norm_eps)
         self.mlp = MLP(config)
 
-    def forward(self, x, cos, sin, mask=None, input_pos=None, **attn_kwargs):
-        # attn_kwargs lets a subclassed attention (the adapter's) receive extra inputs, e.g. audio.
-        x = x + self.attn(self.norm_1(x), cos, sin, mask, input_pos, **attn_kwargs)
+    def forward(self, x, cos, sin, mask=None, input_pos=None):
+        x = x + self.attn(self.norm_1(x), cos, sin, mask, input_pos)
         return x + self.mlp(self.norm_2(x))
 
 
@@ -339,9 +324,8 @@ class LLaMA(nn.Module):
         return self.lm_head(self.transformer.ln_f(x))
 
     def forward(self, idx, input_pos=None, logits_mask=None):
-        """idx (B, T) → logits (B, T, vocab), or (N, vocab) with logits_mask.
-
-        With input_pos (T,) the tokens are written into the KV cache at those positions (decoding)."""
+        """idx (B, T) → logits (B, T, vocab), or (N, vocab) with logits_mask. With input_pos (T,) the tokens
+        are written into the KV cache at those positions (decoding)."""
         x, cos, sin, mask = self.prepare(idx, input_pos)
         for block in self.transformer.h:
             x = block(x, cos, sin, mask, input_pos)
@@ -350,50 +334,17 @@ class LLaMA(nn.Module):
     @classmethod
     def from_checkpoint(cls, checkpoint_dir, device=None, dtype=None, **model_kwargs):
         """Load a converted checkpoint folder (config.json + model.safetensors)."""
-        from convert_checkpoint import read_safetensors
-
         checkpoint_dir = Path(checkpoint_dir)
         config_path, weights_path = checkpoint_dir / "config.json", checkpoint_dir / "model.safetensors"
         for p in (config_path, weights_path):
             if not p.is_file():
                 raise FileNotFoundError(f"{p} not found; convert a checkpoint with convert_checkpoint.py")
-        try:
-            config = Config.from_dict(json.loads(config_path.read_text()))
-        except (TypeError, ValueError, AssertionError) as e:  # not JSON, unknown fields, inconsistent sizes
-            raise ValueError(f"{config_path}: not an LLM config ({e})") from None
+        config = read_json_config(config_path, Config.from_dict, "an LLM config")
         with torch.device("meta"):
             model = cls(config, **model_kwargs)
         state = read_safetensors(weights_path, device=device or "cpu")  # one-line error for a damaged file
-        try:
-            missing = load_weights(model, state)
-        except ValueError as e:
-            raise ValueError(f"{weights_path}: {e}") from None
+        missing = load_weights(model, state, where=weights_path)
         if missing:
             raise ValueError(f"{weights_path} lacks {len(missing)} tensors (first: {missing[0]!r}): "
                              "does it match config.json?")
-        if dtype is not None:
-            model = model.to(dtype)
-        return model
-
-
-def load_weights(model: nn.Module, state: dict, strict_extra: bool = True):
-    """Load `state` into a model built on the meta device, with a clear error on any mismatch.
-
-    Parameters absent from `state` must be ones the caller initialises itself (the adapter's); they are
-    returned so it can do so. A tied lm_head may be absent from the file."""
-    expected = dict(model.named_parameters())
-    own = model.state_dict(keep_vars=True)
-    tied = getattr(model, "config", None) is not None and getattr(model.config, "tie_embeddings", False)
-    for name, tensor in state.items():
-        if name not in own:
-            if strict_extra:
-                raise ValueError(f"checkpoint has unexpected tensor {name!r}: does it match config.json?")
-            continue
-        if tuple(own[name].shape) != tuple(tensor.shape):
-            raise ValueError(f"tensor {name!r} has shape {tuple(tensor.shape)} in the checkpoint but "
-                             f"{tuple(own[name].shape)} in the model: does it match config.json?")
-    model.load_state_dict(state, strict=False, assign=True)
-    if tied:
-        model.lm_head.weight = model.transformer.wte.weight
-    missing = [n for n in expected if n not in state and not (tied and n == "lm_head.weight")]
-    return missing
+        return model if dtype is None else model.to(dtype)

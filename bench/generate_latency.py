@@ -36,6 +36,7 @@ def stages(audio_path: str, dtype_name: str, threads: int) -> dict:
     import torch
 
     sys.path.insert(0, str(ROOT))
+    import convert_checkpoint
     import generate as g
     import whisper_model as wm
     from prepare_data import build_prompt, select_hypotheses
@@ -50,7 +51,7 @@ def stages(audio_path: str, dtype_name: str, threads: int) -> dict:
         clock[0] = now
 
     lap("import")
-    hyp_model, hyp_tok = wm.load_whisper("tiny.en")
+    hyp_model, hyp_tok = convert_checkpoint.load_whisper("tiny.en")
     wl, tok = g.load_wl(g.default_adapter(), whisper=hyp_model, dtype=dtype)
     lap("load")
     with torch.inference_mode():
@@ -64,7 +65,7 @@ def stages(audio_path: str, dtype_name: str, threads: int) -> dict:
         lap("n-best")
         # generate.generate, split at the prefill so that each part has its own clock.
         ids = tok.encode(build_prompt(hyps), bos=True, eos=False, special=False)
-        T, frames = len(ids), math.ceil(len(audio) / wm.HOP_LENGTH / 2)
+        T, frames = len(ids), wm.encoder_frames(len(audio))
         wl.set_kv_cache(batch_size=1, max_seq_length=T + 150)
         last = torch.zeros(1, T, dtype=torch.bool)
         last[0, -1] = True

@@ -19,7 +19,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import prepare_data  # noqa: E402
-from whisper_model import load_audio, load_whisper, sample_nbest, sample_tokens, text_of  # noqa: E402
+from convert_checkpoint import load_whisper  # noqa: E402
+from whisper_model import SAMPLE_RATE, load_audio, sample_nbest, sample_tokens, text_of  # noqa: E402
 
 
 def ours(model, tok, audios, samples, keep):
@@ -58,7 +59,7 @@ def main():
         manifest = prepare_data.build_demo_corpus(d, n=3000, seed=0, limit=n_per_split, progress=False)
         utts = prepare_data.read_manifest(manifest)[: args.utterances]
         audios = [load_audio(u.audio) for u in utts]
-    seconds = sum(len(a) for a in audios) / 16000
+    seconds = sum(len(a) for a in audios) / SAMPLE_RATE
     print(f"{len(audios)} demo utterances ({seconds:.1f} s of audio), {args.samples} samples each, "
           f"{args.threads} threads, tiny.en on CPU")
     with torch.inference_mode():

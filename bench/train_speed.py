@@ -37,8 +37,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import adapter as A  # noqa: E402
 import convert_checkpoint  # noqa: E402
 import train  # noqa: E402
+import wl_checkpoint  # noqa: E402
 from prepare_data import IGNORE_INDEX  # noqa: E402
-from whisper_model import load_whisper  # noqa: E402
+from whisper_model import FRAMES_PER_SECOND, N_AUDIO_FRAMES  # noqa: E402
 
 CONFIGS = ("baseline", "fp32", "bf16", "bf16-trim")
 
@@ -63,7 +64,7 @@ def per_layer_projections(self, audio, projected=None):
 def build(name, whisper):
     """(model, autocast dtype or None) for a configuration."""
     torch.manual_seed(0)
-    model = A.build_model(convert_checkpoint.ensure_llm(None), whisper, trim_audio=name.endswith("trim")).float()
+    model = wl_checkpoint.build_model(convert_checkpoint.ensure_llm(None), whisper, trim_audio=name.endswith("trim")).float()
     if name.startswith("bf16"):
         with torch.no_grad():  # as train.py --precision bf16
             for p in model.parameters():
@@ -80,8 +81,8 @@ def make_batch(model, args, seed=0):
     ids = torch.randint(0, model.config.vocab_size, (B, P + R), generator=g)
     labels = ids.clone()
     labels[:, :P] = IGNORE_INDEX
-    frames = round(args.clip_seconds * 50)
-    return {"ids": ids, "labels": labels, "audio_features": torch.randn(B, 1500, model.config.whisper_width,
+    frames = round(args.clip_seconds * FRAMES_PER_SECOND)
+    return {"ids": ids, "labels": labels, "audio_features": torch.randn(B, N_AUDIO_FRAMES, model.config.whisper_width,
                                                                         generator=g).half(),
             "meta": [{"n_frames": frames}] * B}
 
@@ -95,7 +96,7 @@ def micro_step(model, batch, dtype):
 
 def run_one(name, args) -> dict:
     """Time one configuration in this process."""
-    whisper, _ = load_whisper("tiny.en")
+    whisper, _ = convert_checkpoint.load_whisper("tiny.en")
     model, dtype = build(name, whisper)
     batch = make_batch(model, args)
     from torch.utils.flop_counter import FlopCounterMode
@@ -117,7 +118,7 @@ def run_one(name, args) -> dict:
 def loss_curves(args) -> dict:
     """Loss per step of fp32 and bf16 over args.steps AdamW steps (lr 1e-3, one micro-batch per step) from the
     same initial adapters on the same batches."""
-    whisper, _ = load_whisper("tiny.en")
+    whisper, _ = convert_checkpoint.load_whisper("tiny.en")
     curves = {}
     for name in ("fp32", "bf16"):
         model, dtype = build(name, whisper)
@@ -153,7 +154,7 @@ def main(argv=None):
         return
     print(f"WL-M on SmolLM2-135M + Whisper tiny.en: micro-batch {args.batch} × ({args.prompt_tokens} prompt + "
           f"{args.response_tokens} response tokens), forward + backward, {args.threads} threads, median of "
-          f"{args.repeats}; trimmed: a {args.clip_seconds:g} s clip ({round(args.clip_seconds * 50)} of 1500 frames)")
+          f"{args.repeats}; trimmed: a {args.clip_seconds:g} s clip ({round(args.clip_seconds * FRAMES_PER_SECOND)} of {N_AUDIO_FRAMES} frames)")
     forwarded = [f"--{k.replace('_', '-')}={v}" for k, v in vars(args).items()
                  if k in ("batch", "prompt_tokens", "response_tokens", "clip_seconds", "repeats", "threads", "steps")]
     results = {}

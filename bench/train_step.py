@@ -22,9 +22,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import convert_checkpoint  # noqa: E402
 import train  # noqa: E402
-from adapter import build_model  # noqa: E402
 from prepare_data import IGNORE_INDEX  # noqa: E402
-from whisper_model import load_whisper  # noqa: E402
+from whisper_model import N_AUDIO_FRAMES  # noqa: E402
+from wl_checkpoint import build_model  # noqa: E402
 
 
 def full_logits_loss(model, batch):
@@ -64,7 +64,7 @@ def main(argv=None):
         torch.set_num_threads(args.threads)
     try:
         llm_dir = convert_checkpoint.ensure_llm(args.llm)
-        whisper, _ = load_whisper(args.whisper)
+        whisper, _ = convert_checkpoint.load_whisper(args.whisper)
     except (convert_checkpoint.ConversionError, OSError, ValueError) as e:
         print(f"error: {str(e).splitlines()[0]}", file=sys.stderr)
         sys.exit(1)
@@ -75,7 +75,7 @@ def main(argv=None):
     ids = torch.randint(0, c.vocab_size, (B, P + R))
     labels = ids.clone()
     labels[:, :P] = IGNORE_INDEX
-    batch = {"ids": ids, "labels": labels, "audio_features": torch.randn(B, 1500, c.whisper_width).half()}
+    batch = {"ids": ids, "labels": labels, "audio_features": torch.randn(B, N_AUDIO_FRAMES, c.whisper_width).half()}
 
     def step(loss_fn):
         def run():
@@ -87,7 +87,7 @@ def main(argv=None):
 
     tokens = B * (P + R)
     print(f"WL-{args.variant} on {c.name} + Whisper {args.whisper}: micro-batch {B} × ({P} prompt + {R} response "
-          f"tokens), 1500 audio frames, forward + backward, {torch.get_num_threads()} threads, median of "
+          f"tokens), {N_AUDIO_FRAMES} audio frames, forward + backward, {torch.get_num_threads()} threads, median of "
           f"{args.repeats} alternating rounds after a warm-up")
     (t_ours, loss_ours), (t_base, loss_base) = timed([step(train.micro_batch_loss), step(full_logits_loss)],
                                                      args.repeats)

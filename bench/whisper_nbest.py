@@ -25,6 +25,7 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import convert_checkpoint  # noqa: E402
 import whisper_model as wm  # noqa: E402
 
 SHORT_TEXT = "Please call Stella and ask her to bring these things with her from the store."
@@ -42,7 +43,7 @@ LONG_TEXTS = [
 
 def speech(texts, max_seconds):
     """eSpeak sentences at 16 kHz, joined with 0.3 s pauses, as many as fit in max_seconds."""
-    from prepare_data import synthesize
+    from demo_corpus import synthesize
 
     pieces, total = [], 0
     for text in texts:
@@ -93,7 +94,7 @@ def main(argv=None):
     args = parser.parse_args(argv)
     from tqdm import tqdm
 
-    model, tokenizer = wm.load_whisper("tiny.en")
+    model, tokenizer = convert_checkpoint.load_whisper("tiny.en")
     load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
     print(f"Whisper tiny.en on CPU, {torch.get_num_threads()} torch threads, load average {load:.1f} at start")
     clips = {"5 s": speech([SHORT_TEXT], 5), "30 s": speech(LONG_TEXTS, 30)}

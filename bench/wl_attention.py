@@ -29,6 +29,8 @@ import torch.nn.functional as F
 
 import adapter as A
 from model import Config, build_rope_cache
+from whisper_model import N_AUDIO_FRAMES
+from wl_checkpoint import wl_config
 
 
 def literal_whisper_branch(attn, q, audio, explicit=False):
@@ -83,12 +85,12 @@ def child(args):
     torch.set_num_threads(args.threads)
     if args.small:
         llm = Config(name="b", n_layer=1, n_head=8, n_embd=512, vocab_size=16)
-        cfg = A.wl_config(llm, whisper_width=256, whisper_heads=4, whisper_layers=1, adapter_start_layer=0)
+        cfg = wl_config(llm, whisper_width=256, whisper_heads=4, whisper_layers=1, adapter_start_layer=0)
         B, T, Fr = 2, 64, 300
     else:
         llm = Config.from_name("llama-7b", n_layer=1)
-        cfg = A.wl_config(llm, whisper_width=1280, whisper_heads=20, whisper_layers=1, adapter_start_layer=0)
-        B, T, Fr = 4, 256, 1500
+        cfg = wl_config(llm, whisper_width=1280, whisper_heads=20, whisper_layers=1, adapter_start_layer=0)
+        B, T, Fr = 4, 256, N_AUDIO_FRAMES
     attn = A.AdapterAttention(cfg, cfg.adapter_start_layer)
     for name, p in attn.named_parameters():
         if name.startswith("whisper_"):
@@ -136,13 +138,13 @@ def decode_steps(threads, small, steps=20):
     torch.manual_seed(0)
     torch.set_num_threads(threads)
     if small:
-        cfg = A.wl_config(Config(name="b", n_layer=1, n_head=8, n_embd=512, vocab_size=16), whisper_width=256,
+        cfg = wl_config(Config(name="b", n_layer=1, n_head=8, n_embd=512, vocab_size=16), whisper_width=256,
                           whisper_heads=4, whisper_layers=1, adapter_start_layer=0)
         Fr = 300
     else:
-        cfg = A.wl_config(Config.from_name("llama-7b", n_layer=1), whisper_width=1280, whisper_heads=20,
+        cfg = wl_config(Config.from_name("llama-7b", n_layer=1), whisper_width=1280, whisper_heads=20,
                           whisper_layers=1, adapter_start_layer=0)
-        Fr = 1500
+        Fr = N_AUDIO_FRAMES
     attn = A.AdapterAttention(cfg, cfg.adapter_start_layer).eval()
     for name, p in attn.named_parameters():
         if name.startswith("whisper_"):

@@ -5,8 +5,9 @@ import torch
 
 import adapter as A
 import model as M
-from wl_reference import (literal_forward, literal_whisper_branch, padded_template, reference_pth_state,
-                          softmax_attention)
+import storage
+import wl_checkpoint
+from wl_reference import literal_forward, literal_whisper_branch, padded_template, softmax_attention
 
 # (n_head, n_query_groups, n_embd, whisper_heads, whisper_width): H = Hw / H > Hw, D = Dw / D > Dw, GQA or not
 SHAPES = {
@@ -125,12 +126,12 @@ def test_zero_gates_give_the_base_llm_exactly():
     torch.manual_seed(0)
     cfg = M.Config.from_name("tiny")
     base = M.LLaMA(cfg).eval()
-    wl = A.WhisperingLLaMA(A.wl_config(cfg, whisper_width=32, whisper_heads=2, whisper_layers=2,
+    wl = A.WhisperingLLaMA(wl_checkpoint.wl_config(cfg, whisper_width=32, whisper_heads=2, whisper_layers=2,
                                        adapter_start_layer=1)).eval()
     assert len(wl.adapter_blocks()) == 1
-    missing = M.load_weights(wl, base.state_dict())
+    missing = storage.load_weights(wl, base.state_dict())
     assert all("adapter_" in n or "whisper_" in n for n in missing)
-    A.materialise_adapters(wl)
+    wl_checkpoint.materialise_adapters(wl)
     idx = torch.randint(0, cfg.vocab_size, (2, 11))
     audio = torch.randn(2, 50, 32)
     for b in wl.adapter_blocks():
@@ -144,14 +145,14 @@ def test_zero_gates_give_the_base_llm_exactly():
 
 
 def test_identity_initialisation():
-    cfg = A.wl_config(M.Config.from_name("tiny"), whisper_width=48, whisper_heads=3, whisper_layers=2,
+    cfg = wl_checkpoint.wl_config(M.Config.from_name("tiny"), whisper_width=48, whisper_heads=3, whisper_layers=2,
                       adapter_start_layer=1)
     attn = A.WhisperingLLaMA(cfg).transformer.h[1].attn
     down = attn.adapter_down_k.weight  # (W/r, W) = (3, 48)
     assert down.shape == (3, 48) and torch.equal(down, torch.eye(3, 48))
     assert torch.equal(attn.adapter_up_k.weight, torch.eye(48, 3))
     assert torch.equal(attn.adapter_q_dim, torch.eye(16)) and torch.equal(attn.adapter_q_head, torch.eye(4))
-    rnd = A.WhisperingLLaMA(A.wl_config(M.Config.from_name("tiny"), whisper_width=48, whisper_heads=3,
+    rnd = A.WhisperingLLaMA(wl_checkpoint.wl_config(M.Config.from_name("tiny"), whisper_width=48, whisper_heads=3,
                                         whisper_layers=2, adapter_start_layer=1,
                                         identity_init=False)).transformer.h[1].attn
     # the reference's "no special initialisation": down/up standard normal, Q_d/Q_h still identity
@@ -208,7 +209,7 @@ def test_random_init_ablation_matches_the_reference_literal(layout):
     ("M", False, 10, 1_228_830),   # paper: text-only adapter 1.22M
 ])
 def test_trainable_counts_llama7b_whisper_large_v2(variant, use_whisper, prompt_length, expected):
-    cfg = A.wl_config(M.Config.from_name("llama-7b"), whisper_width=1280, whisper_heads=20, whisper_layers=32,
+    cfg = wl_checkpoint.wl_config(M.Config.from_name("llama-7b"), whisper_width=1280, whisper_heads=20, whisper_layers=32,
                       variant=variant, use_whisper=use_whisper, adapter_prompt_length=prompt_length)
     with torch.device("meta"):
         model = A.WhisperingLLaMA(cfg)
@@ -219,9 +220,9 @@ def test_trainable_counts_llama7b_whisper_large_v2(variant, use_whisper, prompt_
 
 
 def test_layer_mapping():
-    cfg = A.wl_config(M.Config.from_name("smollm2-135m"), whisper_width=384, whisper_heads=6, whisper_layers=4)
+    cfg = wl_checkpoint.wl_config(M.Config.from_name("smollm2-135m"), whisper_width=384, whisper_heads=6, whisper_layers=4)
     assert [cfg.whisper_block(i) for i in (0, 7, 8, 15, 29)] == [0, 0, 1, 2, 3]
-    same = A.wl_config(M.Config.from_name("llama-7b"), whisper_width=1280, whisper_heads=20, whisper_layers=32)
+    same = wl_checkpoint.wl_config(M.Config.from_name("llama-7b"), whisper_width=1280, whisper_heads=20, whisper_layers=32)
     assert [same.whisper_block(i) for i in range(32)] == list(range(32))
 
 
@@ -246,7 +247,7 @@ def test_build_model_copies_whisper_block_j_projections_frozen(tmp_path, n_layer
     with torch.no_grad():  # distinct values in every block (the value biases start at zero)
         for p in whisper.parameters():
             p.add_(torch.randn_like(p))
-    model = A.build_model(tmp_path, whisper, adapter_start_layer=1)
+    model = wl_checkpoint.build_model(tmp_path, whisper, adapter_start_layer=1)
     assert [i for i, b in enumerate(model.transformer.h) if hasattr(b.attn, "whisper_key")] == list(mapping)
     for i, j in mapping.items():
         attn, cross = model.transformer.h[i].attn, whisper.decoder.blocks[j].cross_attn
@@ -283,52 +284,9 @@ def test_random_audio_ablation_is_fresh_standard_normal_noise_at_every_forward(l
 
 def test_bad_shapes_are_rejected():
     with pytest.raises(ValueError, match="must fit"):
-        A.wl_config(M.Config.from_name("tiny"), whisper_width=96, whisper_heads=6, whisper_layers=2)
+        wl_checkpoint.wl_config(M.Config.from_name("tiny"), whisper_width=96, whisper_heads=6, whisper_layers=2)
     with pytest.raises(ValueError, match="variant"):
-        A.wl_config(M.Config.from_name("tiny"), whisper_width=32, whisper_heads=2, variant="XL")
-
-
-def test_adapter_state_roundtrip(tmp_path):
-    model = make_model("H>Hw,D>Dw,gqa", layout="paper").float()
-    state = A.adapter_state_dict(model)
-    assert state and all("adapter_" in k for k in state)
-    assert not any("whisper_key" in k or "qkv" in k for k in state)
-    fresh = make_model("H>Hw,D>Dw,gqa", layout="paper", seed=1).float()
-    A.load_adapter_state(fresh, state)
-    for k, v in A.adapter_state_dict(fresh).items():
-        assert torch.equal(v, state[k])
-    with pytest.raises(ValueError, match="does not match"):
-        A.load_adapter_state(make_model("H>Hw,D>Dw,gqa", variant="L"), state)
-
-
-@pytest.mark.parametrize("variant", ["M", "L"])
-def test_reference_pth_gives_the_logits_of_the_same_adapter_from_safetensors(tmp_path, variant):
-    """A .pth in the reference code's names and shapes (written out literally in wl_reference.py, not derived
-    from adapter.REFERENCE_NAMES) loads into the same function as our .safetensors of the same adapter."""
-    model = make_model("H>Hw,D>Dw,gqa", layout="paper", variant=variant).eval()
-    with torch.no_grad():  # values a .safetensors (float32) holds exactly
-        for p in model.parameters():
-            p.copy_(p.float())
-    attn = model.transformer.h[1].attn
-    # non-symmetric square matrices and distinct values everywhere: a wrong transpose or a swapped name shows
-    assert not torch.equal(attn.adapter_q_dim, attn.adapter_q_dim.T)
-    assert not torch.equal(attn.adapter_q_head, attn.adapter_q_head.T)
-    torch.save(reference_pth_state(model), tmp_path / "reference.pth")
-    A.save_adapter(model, tmp_path / "ours.safetensors")
-    idx = torch.randint(0, 97, (2, 7))
-    audio = torch.randn(2, 20, model.config.whisper_width, dtype=torch.float64)
-    logits = {}
-    for i, name in enumerate(("reference.pth", "ours.safetensors")):
-        other = make_model("H>Hw,D>Dw,gqa", layout="paper", variant=variant, seed=2 + i).eval()
-        other.load_state_dict({k: v for k, v in model.state_dict().items() if not A.is_adapter_param(k)},
-                              strict=False)  # the same frozen LLM and Whisper projections, other adapters
-        A.load_adapter_file(other, tmp_path / name)
-        with torch.no_grad():
-            logits[name] = other(idx, audio)
-    with torch.no_grad():
-        expected = literal_forward(model, idx, audio)
-    torch.testing.assert_close(logits["reference.pth"], logits["ours.safetensors"], atol=0, rtol=0)
-    torch.testing.assert_close(logits["reference.pth"], expected, atol=1e-9, rtol=1e-7)
+        wl_checkpoint.wl_config(M.Config.from_name("tiny"), whisper_width=32, whisper_heads=2, variant="XL")
 
 
 def test_trim_audio_uses_only_the_frames_that_carry_audio():

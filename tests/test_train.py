@@ -16,6 +16,7 @@ import torch
 import torch.nn.functional as F
 
 import adapter as A
+import wl_checkpoint
 import prepare_data as P
 import train as T
 from convert_checkpoint import save_checkpoint
@@ -166,7 +167,7 @@ def load_adapter(path):
 
 def tiny_model(tiny, **overrides):
     torch.manual_seed(0)
-    return A.build_model(tiny["llm"], Whisper.from_checkpoint(tiny["whisper"]), **overrides)
+    return wl_checkpoint.build_model(tiny["llm"], Whisper.from_checkpoint(tiny["whisper"]), **overrides)
 
 
 def items(tiny, n, split="train"):
@@ -269,7 +270,7 @@ def test_linear_lr_decay():
 def train_set_loss(tiny, adapter_file=None):
     model = tiny_model(tiny)
     if adapter_file:
-        A.load_adapter_file(model, adapter_file)
+        wl_checkpoint.load_adapter_file(model, adapter_file)
     with torch.no_grad():
         total, n = T.micro_batch_loss(model, T.make_batch(items(tiny, 16)))
     return total.item() / n
@@ -309,7 +310,7 @@ def test_dev_wer_and_best_checkpoint(tiny, tmp_path):
     assert [int(r["step"]) for r in evals] == [4, 8] and all(r["dev_wer"] for r in evals)
     wers = [float(r["dev_wer"]) for r in evals]
     best = evals[int(np.argmin(wers))]  # the first of equal scores
-    meta = A.read_adapter_meta(out / "best.safetensors")
+    meta = wl_checkpoint.read_adapter_meta(out / "best.safetensors")
     assert meta["step"] == best["step"] and meta["config"]["variant"] == "M"
     assert meta["hypotheses"] == "reference"  # the data's n-best form travels with the adapter
     # provenance: the command line, the code's commit, the data and its summary
@@ -319,7 +320,7 @@ def test_dev_wer_and_best_checkpoint(tiny, tmp_path):
     assert summary["train"]["utterances"] == len(P.PreparedDataset(tiny["data"], "train"))
     assert Path(meta["whisper"]) == tiny["whisper"] and Path(meta["llm"]) == tiny["llm"]
     model = tiny_model(tiny)
-    A.load_adapter_file(model, out / "best.safetensors")
+    wl_checkpoint.load_adapter_file(model, out / "best.safetensors")
     model.eval()
     dev = items(tiny, 2, "dev")
     hyps = [correct(model, tiny["tok"], d["meta"]["hypotheses"], d["audio_features"]) for d in dev]
@@ -332,7 +333,7 @@ def test_early_stopping_keeps_the_best(tiny, tmp_path, monkeypatch, capsys):
     reference = tmp_path / "ref"
     T.main(args(tiny, reference, "--max-steps", "8"))  # the adapters after step 8
     scripted = iter([(5.0, 0.5), (4.0, 0.4), (3.0, 0.45), (2.0, 0.41), (1.0, 0.1)])
-    monkeypatch.setattr(T, "evaluate", lambda *a, **k: next(scripted))
+    monkeypatch.setattr(T, "validate", lambda *a, **k: next(scripted))
     out = tmp_path / "run"
     T.main(args(tiny, out, "--patience", "2"))
     printed = capsys.readouterr().out
@@ -341,7 +342,7 @@ def test_early_stopping_keeps_the_best(tiny, tmp_path, monkeypatch, capsys):
     assert len(train_losses(out)) == 16
     best, ref = load_adapter(out / "best.safetensors"), load_adapter(reference / "last.safetensors")
     assert all(torch.equal(best[k], ref[k]) for k in ref)
-    assert A.read_adapter_meta(out / "best.safetensors")["dev_wer"] == "0.4"
+    assert wl_checkpoint.read_adapter_meta(out / "best.safetensors")["dev_wer"] == "0.4"
     T.main(args(tiny, out, "--resume"))  # a finished run has nothing left to do
     assert "nothing to do" in capsys.readouterr().out and len(train_losses(out)) == 16
 
@@ -401,7 +402,7 @@ def test_resume_after_a_crash_between_checkpoints_equals_an_uninterrupted_run(ti
         T.main(args(tiny, parts, *common, "--max-steps", "9"))
     assert stopped.value.code == 130
     monkeypatch.undo()
-    assert A.read_adapter_meta(parts / "last.safetensors")["step"] == "6"
+    assert wl_checkpoint.read_adapter_meta(parts / "last.safetensors")["step"] == "6"
     assert len(train_losses(parts)) == 6  # the log as of the last checkpoint
     T.main(args(tiny, parts, "--resume", "--max-steps", "9"))
     assert train_losses(parts) == train_losses(whole)
@@ -550,3 +551,26 @@ def test_cpu_default_precision_follows_the_measured_matmul_speed(monkeypatch):
     monkeypatch.setattr(T, "cpu_bf16_is_faster", lambda: False)
     assert T.resolve_precision(None, "cpu") == "32-true"
     assert T.resolve_precision("32", "cpu") == "32-true" and T.resolve_precision("bf16", "cpu") == "bf16"
+
+
+def test_run_settings_keep_the_names_that_run_folders_record():
+    """--resume reads config.json's "run" object: the Run fields are the keys every run folder has recorded (in
+    this order), so folders written before Run existed resume; the adapter flags set WLConfig's fields."""
+    recorded = ["data", "llm", "whisper", "adapter", "out", "variant", "kv_layout", "prompt_length", "start_layer",
+                "no_whisper", "random_audio", "random_init", "trim_audio", "no_mask", "learning_rate", "min_lr",
+                "weight_decay", "batch_size", "micro_batch_size", "epochs", "max_steps", "patience", "eval_every",
+                "dev_limit", "seed", "resume", "overwrite", "accelerator", "devices", "num_nodes", "strategy",
+                "precision", "threads", "argv", "hypotheses", "provenance"]
+    assert list(vars(T.Run())) == recorded
+    assert set(T.RECIPE) == {"data", "llm", "whisper", "variant", "kv_layout", "prompt_length", "start_layer",
+                             "no_whisper", "random_audio", "random_init", "no_mask", "trim_audio", "adapter",
+                             "learning_rate", "min_lr", "weight_decay", "batch_size", "epochs", "patience",
+                             "dev_limit", "eval_every", "seed"}
+    run = T.Run(variant="S", kv_layout="paper", prompt_length=40, start_layer=3, no_whisper=True, random_audio=True,
+                random_init=True, trim_audio=True)
+    assert T.adapter_settings(run) == dict(variant="S", kv_layout="paper", adapter_prompt_length=40,
+                                           adapter_start_layer=3, use_whisper=False, random_audio=True,
+                                           identity_init=False, trim_audio=True)
+    assert (T.flag("learning_rate"), T.flag("batch_size"), T.flag("micro_batch_size"), T.flag("no_whisper")) == \
+        ("--lr", "--batch", "--micro-batch", "--no-whisper")
+

@@ -20,7 +20,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import convert_checkpoint  # noqa: E402
-import prepare_data  # noqa: E402
+import generate  # noqa: E402
+import demo_corpus  # noqa: E402
 import whisper_model as wm  # noqa: E402
 from convert_checkpoint import ConversionError  # noqa: E402
 from whisper_model import AudioError, ModelDimensions, Whisper  # noqa: E402
@@ -795,14 +796,14 @@ def normalise(text):
 
 @pytest.fixture(scope="module")
 def tiny_en(embedded_whisper_dir):
-    return wm.load_whisper(embedded_whisper_dir)
+    return convert_checkpoint.load_whisper(embedded_whisper_dir)
 
 
 @pytest.fixture(scope="module")
 def espeak_mels():
     mels = []
     for s in SENTENCES:
-        audio, sr = prepare_data.synthesize(s, voice="en-us")
+        audio, sr = demo_corpus.synthesize(s, voice="en-us")
         mels.append(wm.log_mel_spectrogram(wm.resample(audio.astype(np.float32) / 32768, sr)))
     return torch.stack(mels)
 
@@ -848,7 +849,7 @@ def test_tiny_en_wer_on_espeak_is_the_measured_value(tiny_en, greedy_tokens):
 @pytest.mark.slow
 def test_nbest_of_a_noisy_clip(tiny_en):
     model, tok = tiny_en
-    audio, sr = prepare_data.synthesize("Please call Stella and ask her to bring these things from the store.")
+    audio, sr = demo_corpus.synthesize("Please call Stella and ask her to bring these things from the store.")
     audio = wm.resample(audio.astype(np.float32) / 32768, sr)
     noise = np.random.default_rng(0).standard_normal(len(audio)).astype(np.float32)
     audio = audio + noise * rms(audio) / rms(noise) / 10 ** (20 / 20)  # white noise at 20 dB SNR
@@ -888,9 +889,11 @@ CLI_DIMS = ModelDimensions(**{**asdict(SMALL), "n_mels": 80, "n_audio_ctx": 1500
 
 @pytest.fixture
 def cli_model(monkeypatch):
-    """whisper_model.main with a random full-context model and the toy tokenizer in place of a checkpoint."""
+    """The Whisper command line (generate.whisper_main, run by `python whisper_model.py`) with a random
+    full-context model and the toy tokenizer in place of a checkpoint."""
     model, tok, loaded = random_model(CLI_DIMS), ToyTokenizer(), []
-    monkeypatch.setattr(wm, "load_whisper", lambda name, device="cpu": (loaded.append(name), (model, tok))[1])
+    monkeypatch.setattr(convert_checkpoint, "load_whisper",
+                        lambda name, device="cpu": (loaded.append(name), (model, tok))[1])
     return model, tok, loaded
 
 
@@ -923,7 +926,7 @@ def test_cli_decodes_long_audio_window_by_window(tmp_path, cli_model, capsys, mo
         return [f"window{i}" for i in range(len(features))]
 
     monkeypatch.setattr(wm, decoder, stub)
-    wm.main(["--audio", str(wav), "--model", "some-model", *flags])
+    generate.whisper_main(["--audio", str(wav), "--model", "some-model", *flags])
     assert capsys.readouterr().out == "window0 window1 window2\n" and loaded == ["some-model"]
     (m, t, features, beam_size), = calls
     assert m is model and t is tok and beam_size == ((3,) if flags else ())
@@ -938,7 +941,7 @@ def test_cli_nbest_prints_the_ranked_list_and_refuses_long_audio(tmp_path, cli_m
     (features,) = features_of_windows(model, wav, [(0, 16000 * 12)])
     calls, real = [], wm.sample_nbest
     monkeypatch.setattr(wm, "sample_nbest", lambda *a, **k: (calls.append((a, k)), real(*a, **k))[1])
-    wm.main(["--audio", str(wav), "--nbest", "4", "--samples", "20", "--temperature", "0.9", "1.0", "--seed", "5"])
+    generate.whisper_main(["--audio", str(wav), "--nbest", "4", "--samples", "20", "--temperature", "0.9", "1.0", "--seed", "5"])
     lines = capsys.readouterr().out.splitlines()
     ((_, _, f, n_samples, keep, temperature), kwargs), = calls
     assert (n_samples, keep, temperature, kwargs["seed"]) == (20, 4, (0.9, 1.0), 5)
@@ -948,6 +951,6 @@ def test_cli_nbest_prints_the_ranked_list_and_refuses_long_audio(tmp_path, cli_m
     assert lines == [f"{i:3d}  {lp:9.3f}  {text}" for i, (text, lp) in enumerate(expected, 1)]
 
     with pytest.raises(SystemExit) as e:
-        wm.main(["--audio", str(write_clip(tmp_path / "long.wav", 31)), "--nbest", "4"])
+        generate.whisper_main(["--audio", str(write_clip(tmp_path / "long.wav", 31)), "--nbest", "4"])
     err = capsys.readouterr().err
     assert e.value.code == 1 and err.startswith("error: ") and err.count("\n") == 1 and "at most 30 s" in err
