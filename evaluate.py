@@ -265,13 +265,15 @@ def cache_path(out: Path, adapter, ds: PreparedDataset, llm, whisper, max_new_to
 
 
 def read_cache(path: Optional[Path]) -> dict:
-    """{utterance id: output} of a cache file; a line cut short by a kill is ignored."""
+    """{utterance id: {"greedy": output, maybe "likeliest": output}} of a cache file; a line cut short by a kill
+    is ignored."""
     done = {}
     if path is not None and path.exists():
         for line in path.read_bytes().split(b"\n"):
             try:
                 record = json.loads(line)
-                done[record["id"]] = record["output"]
+                done[record["id"]] = {"greedy": record["output"],
+                                      **({"likeliest": record["likeliest"]} if "likeliest" in record else {})}
             except (ValueError, KeyError, TypeError):
                 continue
     return done
@@ -279,9 +281,10 @@ def read_cache(path: Optional[Path]) -> dict:
 
 @torch.inference_mode()
 def run_adapter(adapter, ds: PreparedDataset, llm=None, whisper=None, device="cpu", max_new_tokens=150,
-                progress=True, requested=None, cache: Optional[Path] = None) -> list:
+                progress=True, requested=None, cache: Optional[Path] = None, likeliest=False):
     """The corrected transcript of every utterance of `ds` by one adapter checkpoint: greedy decoding, the
-    response up to its first newline (generate.correct, as the paper). llm / whisper override the LLM folder
+    response up to its first newline (generate.correct, as the paper); a list, or with likeliest=True a pair
+    (greedy outputs, generate.DECODES["likeliest"] outputs), the second chosen among the first and the n-best. llm / whisper override the LLM folder
     and the Whisper (name, folder or model) that the adapter file names; requested: generate.ADAPTER_FLAGS
     settings for what the file leaves open. The split must hold n-best lists in the adapter's form.
     cache: a JSONL file that receives each output as it is decoded and that a rerun takes them back from."""
@@ -301,12 +304,14 @@ def run_adapter(adapter, ds: PreparedDataset, llm=None, whisper=None, device="cp
     c = model.config
     done = read_cache(cache)
     sink = None  # opened with the first new output: a run that fails at once leaves no file behind
-    outputs = []
+    outputs, chosen = [], []
     try:
         with tqdm(total=len(ds), desc=f"correcting ({adapter.name})", unit="utt", disable=not progress) as bar:
             for i, entry in enumerate(ds.entries):
-                if entry["id"] in done:  # decoded by an interrupted earlier run of the same command
-                    outputs.append(done[entry["id"]])
+                record = done.get(entry["id"], {})  # decoded by an interrupted earlier run of the same command
+                if "greedy" in record and (not likeliest or "likeliest" in record):
+                    outputs.append(record["greedy"])
+                    chosen.append(record.get("likeliest"))
                     bar.update(1)
                     continue
                 # the random-audio ablation draws noise: the same numbers for an utterance on every run, resumed
@@ -319,22 +324,28 @@ def run_adapter(adapter, ds: PreparedDataset, llm=None, whisper=None, device="cp
                                     f"holds width {features.shape[-1]}: prepare the data with the adapter's "
                                     "feature model")
                 meta = item["meta"]
+                hyps, frames, features = meta["hypotheses"], meta.get("n_frames"), features.to(device)
                 try:
-                    outputs.append(generate.correct(model, tokenizer, meta["hypotheses"], features.to(device),
-                                                    max_new_tokens=max_new_tokens, audio_frames=meta.get("n_frames")))
+                    greedy = record["greedy"] if "greedy" in record else \
+                        generate.correct(model, tokenizer, hyps, features, max_new_tokens, audio_frames=frames)
+                    record = {"id": meta["id"], "output": greedy}
+                    if likeliest:
+                        record["likeliest"] = generate.likeliest(model, tokenizer, hyps, features, greedy, frames)
                 except GenerateError as e:  # e.g. a prompt longer than the LLM's context
                     raise EvalError(f"{meta['id']}: {e}") from None
+                outputs.append(greedy)
+                chosen.append(record.get("likeliest"))
                 if cache is not None:  # one whole line per write: a kill leaves at most one torn line, ignored
                     if sink is None:
                         cache.parent.mkdir(parents=True, exist_ok=True)
                         sink = open(cache, "a", encoding="utf-8")
-                    sink.write(json.dumps({"id": meta["id"], "output": outputs[-1]}, ensure_ascii=False) + "\n")
+                    sink.write(json.dumps(record, ensure_ascii=False) + "\n")
                     sink.flush()
                 bar.update(1)
     finally:
         if sink is not None:
             sink.close()
-    return outputs
+    return (outputs, chosen) if likeliest else outputs
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -411,10 +422,11 @@ def default_adapters() -> list:
 
 def evaluate(data, split="test", adapters=None, limit=None, out=None, llm=None, whisper=None, device="cpu",
              max_new_tokens=150, select="raw", progress=True, requested=None, rescoring=False,
-             tune_split="dev") -> dict:
+             tune_split="dev", likeliest=False) -> dict:
     """Run every adapter on the split and write the table and the per-utterance JSONL.
     adapters None: the best checkpoint of the latest training run in out/, if any (else baseline rows only).
     rescoring: add the LLM n-best rescoring rows (λ tuned on tune_split).
+    likeliest: add a row per adapter with generate.DECODES["likeliest"] (named "<adapter> (likeliest)").
     Returns {"table", "best", "markdown", "out", "jsonl"}."""
     ds = load_split(data, split, limit)
     out = Path(out) if out is not None else ROOT / "out" / "eval" / f"{split}.md"
@@ -440,7 +452,7 @@ def evaluate(data, split="test", adapters=None, limit=None, out=None, llm=None, 
 
     def report():
         table, details = score(utterances, outputs)
-        ran = [a for a in names if a in outputs]
+        ran = [a for a in outputs if a in names or a.removesuffix(" (likeliest)") in names]
         best = best_system(table, ran, select) if len(ran) > 1 else None
         markdown = format_table(table, f"{Path(data).name} / {split}: {len(utterances)} utterances", best, select)
         jsonl = write_report(out, markdown, utterance_lines(utterances, outputs, details))
@@ -449,7 +461,11 @@ def evaluate(data, split="test", adapters=None, limit=None, out=None, llm=None, 
     partial = out.parent / f".{out.stem}.partial"  # the outputs decoded so far, kept until the table is written
     for i, a in enumerate(names):
         cache = cache_path(out, a, ds, llm, whisper, max_new_tokens, requested)
-        outputs[a] = run_adapter(a, ds, llm, whisper, device, max_new_tokens, progress, requested, cache)
+        ran = run_adapter(a, ds, llm, whisper, device, max_new_tokens, progress, requested, cache, likeliest)
+        if likeliest:
+            outputs[a], outputs[f"{a} (likeliest)"] = ran
+        else:
+            outputs[a] = ran
         if i < len(names) - 1:
             report()  # the finished adapters' rows are on disk even if a later adapter fails
     result = report()
@@ -476,6 +492,9 @@ def main(argv=None):
                         help="add LLM n-best rescoring rows: the hypothesis the frozen LLM likes best, alone and "
                              "interpolated with Whisper's log-prob (weight tuned on --tune-split)")
     parser.add_argument("--tune-split", default="dev", help="split that tunes the rescoring weight (default dev)")
+    parser.add_argument("--likeliest", action="store_true",
+                        help="add a row per adapter decoded with generate.py's --decode likeliest: of the greedy "
+                             "output and the n-best, the response the adapter model scores highest")
     parser.add_argument("--device", default="cpu")
     add_adapter_flags(parser)
     parser.add_argument("--threads", type=int, default=os.cpu_count(), help="torch threads (default: all cores)")
@@ -488,7 +507,7 @@ def main(argv=None):
             raise EvalError("--max-new-tokens must be at least 1")
         result = evaluate(args.data, args.split, args.adapter, args.limit, args.out, args.llm, args.whisper,
                           args.device, args.max_new_tokens, args.select, requested=adapter_requests(args),
-                          rescoring=args.rescore, tune_split=args.tune_split)
+                          rescoring=args.rescore, tune_split=args.tune_split, likeliest=args.likeliest)
     except (ProjectError, OSError, ValueError) as e:
         print(f"error: {first_line(e)}", file=sys.stderr)
         sys.exit(1)

@@ -241,11 +241,13 @@ def listening(p_audio, layout):
 # ----------------------------------------------------------------------------------------------------
 
 def explain(model, tokenizer, hypotheses, audio_features=None, audio_frames=None, max_new_tokens=150,
-            layer=None) -> dict:
+            layer=None, decode="greedy") -> dict:
     """Correct one utterance (exactly as generate.correct does) and explain the correction.
 
     audio_features (F, W); audio_frames: frames that carry the clip (ceil(seconds · 50)). layer: draw one adapter
-    layer (its index in the LLM) instead of the average over the adapter layers. Returns a dict of plain numbers
+    layer (its index in the LLM) instead of the average over the adapter layers. decode: as generate.correct's;
+    when "likeliest" picks an n-best hypothesis over the greedy output, that hypothesis is what is explained
+    (read by the model token by token, as the greedy output would be). Returns a dict of plain numbers
     (lists), the content of the JSON file; `draw` makes the figure from it."""
     import generate as G
     from prepare_data import build_prompt
@@ -267,6 +269,11 @@ def explain(model, tokenizer, hypotheses, audio_features=None, audio_frames=None
     new = ids[P:].clone()
     text = G.response_text(tokenizer.decode(new))
     stopped = len(new) < max_new_tokens and P + len(new) < c.block_size  # greedy drew EOS
+    greedy_text = text
+    if decode == "likeliest":
+        text = G.likeliest(model, tokenizer, hypotheses, audio, greedy_text, audio_frames)
+        if text != greedy_text:  # a hypothesis won: explain it, as the response the model read
+            new, stopped = tokenizer.encode(text, bos=False, eos=False, special=False).to(device), True
     out_tokens = new.tolist() + ([tokenizer.eos_id] if stopped else [])
     rows = torch.arange(P - 1, P - 1 + len(out_tokens))  # the query that produced each output token
     # 2. The explicit pass over prompt + generated tokens.
@@ -282,7 +289,7 @@ def explain(model, tokenizer, hypotheses, audio_features=None, audio_frames=None
     norms = torch.stack(cap["norms"])  # (layers, R, 3)
     shares = (norms / norms.sum(-1, keepdim=True).clamp_min(1e-30)).mean(1)  # (layers, 3)
     result = dict(
-        text=text, hypotheses=list(hypotheses),
+        text=text, greedy_text=greedy_text, decode=decode, hypotheses=list(hypotheses),
         tokens=[tokenizer.decode([t]) for t in out_tokens], token_ids=out_tokens, ended_with_eos=stopped,
         matches_generation=chosen == out_tokens,
         layers=layers, layer=layer, kv_layout=c.kv_layout if c.use_whisper else None,
@@ -439,7 +446,8 @@ def rounded(x, digits=6):
 # generate.py's --explain: one audio file, after its normal correction
 # ----------------------------------------------------------------------------------------------------
 
-def explain_file(path, result: dict, wl, tokenizer, feat_model, png, max_new_tokens=150, layer=None) -> list:
+def explain_file(path, result: dict, wl, tokenizer, feat_model, png, max_new_tokens=150, layer=None,
+                 decode="greedy") -> list:
     """Explain the correction generate.py made of one file (`result`, its record): the n-best lists are reused,
     the audio features recomputed (the encoder is deterministic), each 30 s window explained. Writes png (the first
     window; later windows as <stem>-window<k>.png) and the JSON beside each. Returns the PNG paths."""
@@ -455,9 +463,10 @@ def explain_file(path, result: dict, wl, tokenizer, feat_model, png, max_new_tok
         mel = wm.log_mel_spectrogram(piece, feat_model.dims.n_mels)
         with torch.inference_mode():
             feats = feat_model.embed_audio(mel[None])[0]
-        frames = math.ceil(len(piece) / 320)  # 50 encoder frames per second of 16 kHz audio
-        expl = explain(wl, tokenizer, hyps, feats, frames, max_new_tokens, layer)
-        expl.update(file=str(path), window=w, window_start_seconds=30 * w, clip_seconds=len(piece) / 16000)
+        frames = wm.encoder_frames(len(piece))
+        expl = explain(wl, tokenizer, hyps, feats, frames, max_new_tokens, layer, decode)
+        expl.update(file=str(path), window=w, window_start_seconds=wm.CHUNK_LENGTH * w,
+                    clip_seconds=len(piece) / wm.SAMPLE_RATE)
         out = Path(png) if w == 0 else Path(png).with_name(f"{Path(png).stem}-window{w + 1}{Path(png).suffix}")
         try:
             write(expl, out, mel.numpy(), title=f"{Path(path).name}: {expl['text']}")

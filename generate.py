@@ -265,13 +265,26 @@ def response_text(text: str) -> str:
     return text.strip().split("\n")[0].strip()
 
 
+DECODES = {
+    "greedy": "the paper's decoding: the greedy continuation, up to its first newline",
+    "likeliest": "the greedy continuation competes with the n-best hypotheses: the one the model itself finds "
+                 "likeliest as the response (log-probability summed over its tokens and EOS) is the output. "
+                 "Greedy search can miss a likelier response (jfk.flac: the greedy output scores -4.98, Whisper's "
+                 "1-best -3.63); this costs one short pass per hypothesis after the prefill",
+}
+
+
 @torch.inference_mode()
-def correct(model, tokenizer, hypotheses, audio_features, max_new_tokens: int = 150, audio_frames=None) -> str:
+def correct(model, tokenizer, hypotheses, audio_features, max_new_tokens: int = 150, audio_frames=None,
+            decode: str = "greedy") -> str:
     """One utterance: its n-best hypotheses and audio features (F, W) or (1, F, W) → corrected transcript.
     Greedy decoding with the KV cache; the audio's keys/values are computed once, at the prefill.
-    audio_frames: encoder frames that carry the audio (ceil(seconds · 50)), for adapters with trim_audio."""
+    audio_frames: encoder frames that carry the audio (ceil(seconds · 50)), for adapters with trim_audio.
+    decode: a key of DECODES."""
     if not hypotheses:
         raise GenerateError("no hypotheses to correct")
+    if decode not in DECODES:
+        raise GenerateError(f"unknown decoding {decode!r} (choose from {', '.join(DECODES)})")
     audio = audio_features if audio_features.dim() == 3 else audio_features[None]
     param = next(model.parameters())
     audio = audio.to(param.device)
@@ -279,7 +292,53 @@ def correct(model, tokenizer, hypotheses, audio_features, max_new_tokens: int = 
     prompt_ids = tokenizer.encode(build_prompt(hypotheses), bos=True, eos=False, special=False).to(param.device)
     ids = generate(model, prompt_ids, max_new_tokens, temperature=0.0, eos_id=tokenizer.eos_id, audio=audio,
                    audio_frames=audio_frames)
-    return response_text(tokenizer.decode(ids[len(prompt_ids):]))
+    text = response_text(tokenizer.decode(ids[len(prompt_ids):]))
+    return text if decode == "greedy" else likeliest(model, tokenizer, hypotheses, audio, text, audio_frames)
+
+
+@torch.inference_mode()
+def likeliest(model, tokenizer, hypotheses, audio_features, greedy_text: str, audio_frames=None) -> str:
+    """DECODES["likeliest"]: of the greedy output and the n-best hypotheses, the one the model scores highest
+    as the response to this prompt and audio (the greedy output wins ties)."""
+    device = next(model.parameters()).device
+    audio = None if audio_features is None else \
+        (audio_features if audio_features.dim() == 3 else audio_features[None]).to(device)
+    prompt_ids = tokenizer.encode(build_prompt(hypotheses), bos=True, eos=False, special=False).to(device)
+    candidates = list(dict.fromkeys([greedy_text, *hypotheses]))
+    # Each candidate as training encodes a response (prepare_data.tokenize_example): no BOS, then EOS.
+    responses = [tokenizer.encode(c, bos=False, eos=True, special=False).to(device) for c in candidates]
+    scores = response_logprobs(model, prompt_ids, responses, audio, audio_frames)
+    return candidates[max(range(len(candidates)), key=scores.__getitem__)]
+
+
+@torch.inference_mode()
+def response_logprobs(model, prompt_ids: torch.Tensor, responses, audio=None, audio_frames=None) -> list:
+    """log P(response | prompt, audio) under the model, summed over the response's tokens, for each response
+    (token ids, EOS included). The prompt is prefilled once into the KV cache; then each response is read in
+    one pass after it. Every response writes the same cache positions T, T+1, ...: the causal mask keeps a
+    response from seeing what an earlier, longer one left beyond its own length."""
+    T, device = prompt_ids.size(0), prompt_ids.device
+    longest = max(r.size(0) for r in responses)
+    if T + longest > model.config.block_size:
+        raise GenerateError(f"prompt + response ({T} + {longest} tokens) exceed the model's context")
+    model.set_kv_cache(batch_size=1, max_seq_length=T + longest, device=device)
+    try:
+        last = torch.zeros(1, T, dtype=torch.bool, device=device)
+        last[0, -1] = True
+        prefill = dict(input_pos=torch.arange(T, device=device), logits_mask=last)
+        if audio is not None:
+            prefill.update(audio=audio, audio_frames=audio_frames)
+        first = torch.log_softmax(model(prompt_ids[None], **prefill)[-1].float(), dim=-1)  # P(first token)
+        scores = []
+        for r in responses:
+            logp = first[r[0]]
+            if r.size(0) > 1:  # tokens 1.. are predicted from the response's own earlier tokens
+                logits = model(r[None, :-1], input_pos=torch.arange(T, T + r.size(0) - 1, device=device))[0]
+                logp = logp + torch.log_softmax(logits.float(), dim=-1).gather(-1, r[1:, None]).sum()
+            scores.append(logp.item())
+    finally:
+        model.clear_kv_cache()
+    return scores
 
 
 def audio_inputs(paths) -> list:
@@ -340,7 +399,7 @@ def transcribe_and_correct(path, hyp_model, hyp_tok, feat_model, wl, tokenizer, 
                     corrected.append(one_best[b + i])
                     continue
                 corrected.append(correct(wl, tokenizer, hyps, wl_feats[i], args.max_new_tokens,
-                                         audio_frames=wm.encoder_frames(len(piece))))
+                                         audio_frames=wm.encoder_frames(len(piece)), decode=args.decode))
     result = dict(file=str(path), one_best=" ".join(t.strip() for t in one_best).strip(), nbest=nbest,
                   corrected=None)
     if wl is not None:
@@ -462,7 +521,7 @@ def run_audio(args) -> int:
 
                     png = args.explain or explain_path(args.explain_dir, path, items)
                     explain.explain_file(path, r, wl, tokenizer, feat_model, png, args.max_new_tokens,
-                                         args.explain_layer)
+                                         args.explain_layer, args.decode)
             except (wm.AudioError, GenerateError) as e:  # this file only: report it, go on with the next
                 fail(path, str(e).removeprefix(f"{path}: "))
                 n_failed += 1
@@ -529,6 +588,9 @@ def main(argv=None):
                         help="feature model whose encoder output the adapter attends to (default: the one "
                              "the adapter was trained with, else --whisper)")
     parser.add_argument("--nbest", type=int, default=15, help="hypotheses in the prompt (paper: 15)")
+    parser.add_argument("--decode", choices=sorted(DECODES), default="greedy",
+                        help="with --audio: " + "; ".join(f"{k}: {v}" for k, v in DECODES.items()) +
+                             " (default greedy)")
     parser.add_argument("--samples", type=int, default=200, help="Whisper samples drawn for the n-best (paper: 200)")
     parser.add_argument("--verbose", action="store_true", help="also print the n-best and the 1-best")
     parser.add_argument("--json", action="store_true",

@@ -406,6 +406,46 @@ def test_end_to_end_table_and_jsonl_match_the_outputs(tiny_setup):
     assert out.read_text().rstrip().endswith(f"Best adapter (lowest raw WER): {best}")
 
 
+
+def test_likeliest_rows_reuse_the_greedy_outputs_and_pick_by_the_model(tiny_setup, monkeypatch):
+    """--likeliest adds "<adapter> (likeliest)" rows: generate.likeliest applied to each utterance's greedy output;
+    a rerun after a greedy-only run decodes nothing again (the cached greedy outputs are reused)."""
+    import torch
+
+    import generate
+    from generate import likeliest, load_wl
+
+    t = tiny_setup
+    name = str(t["adapters"][0])
+    out = t["base"] / "likeliest" / "test.md"
+    first = evaluate.evaluate(t["data"], "test", adapters=[name], out=out, whisper=t["whisper"], max_new_tokens=12,
+                              progress=False)
+    assert list(first["table"]) == ["1-best", "oracle", name]
+    partial = out.parent / f".{out.stem}.partial"
+    # keep the greedy-only cache of that run, as an interrupted run would, then ask for the likeliest rows
+    cache = evaluate.cache_path(out, name, evaluate.load_split(t["data"], "test"), None, t["whisper"], 12, None)
+    greedy_lines = [json.loads(s)["outputs"][name] for s in out.with_suffix(".jsonl").read_text().splitlines()]
+    cache.parent.mkdir(parents=True, exist_ok=True)
+    cache.write_text("".join(json.dumps({"id": u["id"], "output": o}) + "\n" for u, o in zip(UTTERANCES, greedy_lines)))
+
+    def no_decoding(*args, **kwargs):
+        raise AssertionError("the greedy outputs are cached: nothing to decode again")
+
+    monkeypatch.setattr(generate, "correct", no_decoding)
+    result = evaluate.evaluate(t["data"], "test", adapters=[name], out=out, whisper=t["whisper"], max_new_tokens=12,
+                               progress=False, likeliest=True)
+    assert list(result["table"]) == ["1-best", "oracle", name, f"{name} (likeliest)"]
+    assert not partial.exists()
+    lines = [json.loads(s) for s in out.with_suffix(".jsonl").read_text().splitlines()]
+    model, tokenizer = load_wl(t["adapters"][0], whisper=t["whisper"])
+    for i, (u, line) in enumerate(zip(UTTERANCES, lines)):
+        assert line["outputs"][name] == greedy_lines[i]
+        want = likeliest(model, tokenizer, u["hypotheses"], torch.from_numpy(t["features"][i]), greedy_lines[i],
+                         None)
+        assert line["outputs"][f"{name} (likeliest)"] == want
+        assert want in [greedy_lines[i], *u["hypotheses"]]
+
+
 NORM_NAMES = evaluate.NORMALISATIONS
 
 

@@ -208,6 +208,30 @@ def test_explain_gives_the_fast_path_text_and_sums_to_one(tiny, tokenizer, tmp_p
         E.explain(model, tokenizer, HYPS, audio, max_new_tokens=2, layer=0)
 
 
+
+def test_likeliest_decoding_explains_the_text_it_prints(tiny, tokenizer, monkeypatch, one_thread):
+    """With decode="likeliest" the explained text is the printed one; when a hypothesis beats the greedy output
+    (a search error planted in the fast path), the explicit pass reads that hypothesis token by token."""
+    llm_dir, whisper = tiny
+    model = trained_like(llm_dir, whisper, variant="L")
+    audio = torch.randn(60, 32, generator=torch.Generator().manual_seed(5))
+    same = E.explain(model, tokenizer, HYPS, audio, audio_frames=25, max_new_tokens=8, decode="likeliest")
+    assert same["text"] == G.correct(model, tokenizer, HYPS, audio, 8, audio_frames=25, decode="likeliest")
+
+    planted = "zq xv kk wj " * 6  # long and unlikely: the hypotheses (8 tokens or so) score higher
+
+    def bad_greedy(model, idx, *args, **kwargs):
+        return torch.cat([idx, tokenizer.encode(planted, bos=False, eos=False, special=False)])
+
+    monkeypatch.setattr(G, "generate", bad_greedy)
+    expl = E.explain(model, tokenizer, HYPS, audio, audio_frames=25, max_new_tokens=8, decode="likeliest")
+    assert expl["greedy_text"] == planted.strip() and expl["text"] in HYPS
+    assert expl["text"] == G.correct(model, tokenizer, HYPS, audio, 8, audio_frames=25, decode="likeliest")
+    want = tokenizer.encode(expl["text"], bos=False, eos=False, special=False).tolist() + [tokenizer.eos_id]
+    assert expl["token_ids"] == want and expl["ended_with_eos"]
+    np.testing.assert_allclose(np.array(expl["reading"]["drawn"]).sum(-1), 1, atol=1e-5)
+
+
 def test_trimmed_features_follow_the_clip(tiny, tokenizer, one_thread):
     llm_dir, whisper = tiny
     model = trained_like(llm_dir, whisper, trim_audio=True)

@@ -104,6 +104,63 @@ def test_correct_follows_the_audio_and_equals_uncached_greedy(listening, tokeniz
     assert G.correct(model, tokenizer, hyps, first, max_new_tokens=8) == out_first
 
 
+
+def literal_logprob(model, tokenizer, hypotheses, audio, response):
+    """log P(response | prompt, audio) from one full forward over prompt + response (no cache), the response
+    encoded as training encodes it (no BOS, EOS at the end)."""
+    prompt = tokenizer.encode(build_prompt(hypotheses), bos=True, eos=False, special=False)
+    r = tokenizer.encode(response, bos=False, eos=True, special=False)
+    ids = torch.cat([prompt, r])
+    with torch.no_grad():
+        logp = torch.log_softmax(model(ids[None], audio[None])[0].double(), dim=-1)
+    return sum(float(logp[len(prompt) - 1 + i, t]) for i, t in enumerate(r.tolist()))
+
+
+def test_response_logprobs_equal_full_forwards_whatever_the_order(listening, tokenizer):
+    """Scoring after one cached prefill equals a full uncached forward per response, for responses of different
+    lengths in both orders (a long response's leftovers in the cache must not leak into a shorter one)."""
+    model = listening
+    hyps = ["show me flights from boston to denver", "show me the flights from boston to denver"]
+    audio = torch.randn(20, 32, generator=torch.Generator().manual_seed(5))
+    texts = ["show me flights from boston to denver on monday morning please", "show me", ""]
+    prompt = tokenizer.encode(build_prompt(hyps), bos=True, eos=False, special=False)
+    rs = [tokenizer.encode(t, bos=False, eos=True, special=False) for t in texts]
+    want = [literal_logprob(model, tokenizer, hyps, audio, t) for t in texts]
+    for order in (rs, rs[::-1]):
+        got = G.response_logprobs(model, prompt, order, audio[None])
+        expected = want if order is rs else want[::-1]
+        assert got == pytest.approx(expected, rel=1e-4, abs=1e-3)
+    assert len(set(round(w, 3) for w in want)) == 3
+
+
+def test_likeliest_decoding_returns_the_candidate_the_model_scores_highest(listening, tokenizer, monkeypatch):
+    """decode="likeliest" returns argmax over {greedy output} ∪ n-best of the literal log-probability; and when a
+    hypothesis beats the greedy output, the result is that hypothesis, not the greedy text."""
+    model = listening
+    g = torch.Generator().manual_seed(2)
+    audio = torch.randn(20, 32, generator=g)
+    hyps = ["show me flights from boston to denver", "show me the flights from boston to denver",
+            "list flights boston denver"]
+    greedy = G.correct(model, tokenizer, hyps, audio, max_new_tokens=8)
+    likeliest = G.correct(model, tokenizer, hyps, audio, max_new_tokens=8, decode="likeliest")
+    candidates = list(dict.fromkeys([greedy, *hyps]))
+    scores = [literal_logprob(model, tokenizer, hyps, audio, c) for c in candidates]
+    assert likeliest == candidates[max(range(len(candidates)), key=scores.__getitem__)]
+
+    # a greedy search error planted: greedy "returns" text the model finds unlikely; a hypothesis must win
+    def bad_greedy(model, idx, *args, **kwargs):
+        return torch.cat([idx, tokenizer.encode("zq xv kk", bos=False, eos=False, special=False)])
+
+    monkeypatch.setattr(G, "generate", bad_greedy)
+    picked = G.correct(model, tokenizer, hyps, audio, max_new_tokens=8, decode="likeliest")
+    planted = ["zq xv kk", *hyps]
+    planted_scores = [literal_logprob(model, tokenizer, hyps, audio, c) for c in planted]
+    assert planted_scores[0] < max(planted_scores[1:])  # the planted output is not the likeliest
+    assert picked == planted[max(range(len(planted)), key=planted_scores.__getitem__)] and picked in hyps
+    with pytest.raises(G.GenerateError, match="unknown decoding"):
+        G.correct(model, tokenizer, hyps, audio, decode="beam")
+
+
 def test_adapter_file_roundtrip_rebuilds_the_same_model(tiny, tokenizer, tmp_path):
     llm_dir, whisper = tiny
     model = trained_like(llm_dir, whisper)
@@ -168,14 +225,15 @@ def test_a_65_s_clip_is_corrected_window_by_window_and_joined(tmp_path, monkeypa
         sampled.append((model, feats, n_samples, seed))
         return {"samples": drawn[len(sampled) - 1]}
 
-    def correct(model, tok, hyps, audio_features, max_new_tokens, audio_frames):
+    def correct(model, tok, hyps, audio_features, max_new_tokens, audio_frames, decode):
+        assert decode == "greedy"
         corrected.append((model, hyps, audio_features, max_new_tokens, audio_frames))
         return {1: "fixed 0", 2: ""}[len(corrected)]
 
     monkeypatch.setattr(wm, "sample_candidates", sample_candidates)
     monkeypatch.setattr(G, "correct", correct)
     wl = SimpleNamespace(hypothesis_form="logprob")
-    args = SimpleNamespace(samples=7, seed=3, nbest=15, max_new_tokens=11, verbose=False)
+    args = SimpleNamespace(samples=7, seed=3, nbest=15, max_new_tokens=11, verbose=False, decode="greedy")
     result = G.transcribe_and_correct(wav, hyp, "hyp-tok", feat, wl, "llm-tok", args)
 
     slices = [audio[:480000], audio[480000:960000], audio[960000:]]
