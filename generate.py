@@ -92,6 +92,19 @@ def sample(logits: torch.Tensor, temperature: float = 1.0, top_k: Optional[int] 
     return torch.multinomial(torch.softmax(logits, dim=-1), num_samples=1)
 
 
+def prefill(model, idx: torch.Tensor, audio=None, audio_frames=None) -> torch.Tensor:
+    """Run the whole prompt idx (T,) in one pass into the KV cache (set_kv_cache first); returns the logits (vocab,)
+    of its last position, the only ones needed. audio, for a WhisperingLLaMA, goes with this pass only: the
+    model caches its keys/values for the passes that follow."""
+    T = idx.size(0)
+    last = torch.zeros(1, T, dtype=torch.bool, device=idx.device)
+    last[0, -1] = True
+    kwargs = dict(input_pos=torch.arange(T, device=idx.device), logits_mask=last)
+    if audio is not None:
+        kwargs.update(audio=audio, audio_frames=audio_frames)
+    return model(idx[None], **kwargs)[-1]
+
+
 @torch.inference_mode()
 def generate(model, idx: torch.Tensor, max_new_tokens: int, temperature: float = 1.0, top_k: Optional[int] = None,
              eos_id: Union[int, Iterable[int], None] = None, audio: Optional[torch.Tensor] = None,
@@ -112,13 +125,7 @@ def generate(model, idx: torch.Tensor, max_new_tokens: int, temperature: float =
     device = idx.device
     model.set_kv_cache(batch_size=1, max_seq_length=max_len, device=device)
     try:
-        # Prefill: the whole prompt in one pass; only the last position's logits are needed.
-        last = torch.zeros(1, T, dtype=torch.bool, device=device)
-        last[0, -1] = True
-        prefill = dict(input_pos=torch.arange(T, device=device), logits_mask=last)
-        if audio is not None:
-            prefill.update(audio=audio, audio_frames=audio_frames)
-        logits = model(idx[None], **prefill)[-1]
+        logits = prefill(model, idx, audio, audio_frames)
         tokens = [idx]
         for pos in range(T, max_len):
             next_id = sample(logits, temperature, top_k)  # (1,)
@@ -324,12 +331,7 @@ def response_logprobs(model, prompt_ids: torch.Tensor, responses, audio=None, au
         raise GenerateError(f"prompt + response ({T} + {longest} tokens) exceed the model's context")
     model.set_kv_cache(batch_size=1, max_seq_length=T + longest, device=device)
     try:
-        last = torch.zeros(1, T, dtype=torch.bool, device=device)
-        last[0, -1] = True
-        prefill = dict(input_pos=torch.arange(T, device=device), logits_mask=last)
-        if audio is not None:
-            prefill.update(audio=audio, audio_frames=audio_frames)
-        first = torch.log_softmax(model(prompt_ids[None], **prefill)[-1].float(), dim=-1)  # P(first token)
+        first = torch.log_softmax(prefill(model, prompt_ids, audio, audio_frames).float(), dim=-1)  # P(first token)
         scores = []
         for r in responses:
             logp = first[r[0]]

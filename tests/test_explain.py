@@ -15,9 +15,7 @@ import generate as G
 import model as M
 import whisper_model as wm
 import wl_checkpoint
-from convert_checkpoint import save_checkpoint, smollm2_gguf_path
 from prepare_data import PROMPT_TEMPLATE, build_prompt
-from tokenizer import Tokenizer, gguf_to_tokenizer_json
 from wl_reference import literal_whisper_kv, padded_template, reference_pth_state
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -127,26 +125,14 @@ def test_key_rows_map_back_to_the_frames_they_carry(layout):
 # ----------------------------------------------------------------------------------------------------
 
 @pytest.fixture(scope="module")
-def tokenizer():
-    return Tokenizer.from_file(smollm2_gguf_path())
+def tokenizer(smol_tokenizer):
+    return smol_tokenizer
 
 
 @pytest.fixture(scope="module")
-def tiny(tmp_path_factory, tokenizer):
-    torch.manual_seed(0)
-    cfg = M.Config(name="tiny-smol", block_size=1024, vocab_size=tokenizer.vocab_size, n_layer=3, n_head=4,
-                   n_query_groups=2, n_embd=64, intermediate_size=128, tie_embeddings=True)
-    llm = M.LLaMA(cfg)
-    with torch.no_grad():  # unit-variance activations, so the output depends on the prompt and audio
-        for name, p in llm.named_parameters():
-            if p.dim() == 2:
-                p.normal_(std=1.0 if "wte" in name else p.shape[1] ** -0.5)
-    llm_dir = tmp_path_factory.mktemp("llm")
-    save_checkpoint(llm_dir, {k: v for k, v in llm.state_dict().items() if k != "lm_head.weight"}, cfg.to_dict())
-    gguf_to_tokenizer_json(smollm2_gguf_path(), llm_dir)
-    dims = wm.ModelDimensions(n_mels=80, n_audio_ctx=1500, n_audio_state=32, n_audio_head=2, n_audio_layer=1,
-                              n_vocab=51864, n_text_ctx=16, n_text_state=32, n_text_head=2, n_text_layer=2)
-    return llm_dir, wm.Whisper(dims).eval()
+def tiny(tiny_smol):
+    """A tiny random LLM with SmolLM2's vocabulary (saved as a checkpoint) and a tiny random Whisper (conftest)."""
+    return tiny_smol
 
 
 def trained_like(llm_dir, whisper, seed=1, **overrides):
