@@ -28,7 +28,7 @@ import json
 import sys
 import time
 from pathlib import Path
-from typing import Iterable, Optional, Union
+from typing import Callable, Iterable, Optional, Union
 
 import torch
 
@@ -108,11 +108,12 @@ def prefill(model, idx: torch.Tensor, audio=None, audio_frames=None) -> torch.Te
 @torch.inference_mode()
 def generate(model, idx: torch.Tensor, max_new_tokens: int, temperature: float = 1.0, top_k: Optional[int] = None,
              eos_id: Union[int, Iterable[int], None] = None, audio: Optional[torch.Tensor] = None,
-             audio_frames: Optional[int] = None) -> torch.Tensor:
+             audio_frames: Optional[int] = None, done: Optional[Callable[[list], bool]] = None) -> torch.Tensor:
     """Extend the prompt idx (T,) by up to max_new_tokens tokens; returns (T + n,).
 
     Generation stops when a token in eos_id (one id or several, e.g. EOS and an end-of-turn token) is
-    drawn; that token is not included. audio (1, F, W), for a WhisperingLLaMA: the encoder features go to the
+    drawn; that token is not included. done(new ids so far) may stop it earlier, after the token that made it
+    true (correct() stops once the transcript's line is complete). audio (1, F, W), for a WhisperingLLaMA: the encoder features go to the
     prefill forward only (the model caches their keys/values for the later steps), with audio_frames, the
     frames that carry audio (used by adapters trained with trim_audio)."""
     if idx.dim() != 1 or idx.numel() == 0:
@@ -132,7 +133,7 @@ def generate(model, idx: torch.Tensor, max_new_tokens: int, temperature: float =
             if next_id.item() in stop:
                 break
             tokens.append(next_id)
-            if pos + 1 == max_len:
+            if pos + 1 == max_len or (done is not None and done([int(t) for t in tokens[1:]])):
                 break  # the last token's logits would never be used
             logits = model(next_id[None], input_pos=torch.tensor([pos], device=device))[0, -1]
     finally:
@@ -273,6 +274,15 @@ def response_text(text: str) -> str:
     return text.strip().split("\n")[0].strip()
 
 
+def first_line_done(tokenizer) -> Callable[[list], bool]:
+    """For generate(done=...): True once the response holds a newline after some text. Whatever follows can no
+    longer change response_text(), so decoding it is wasted (the demo adapter, out of its domain, can write 150
+    tokens past the transcript's line instead of EOS). Only a token whose text holds a newline is checked."""
+    def done(new_ids: list) -> bool:
+        return "\n" in tokenizer.decode(new_ids[-1:]) and "\n" in tokenizer.decode(new_ids).lstrip()
+    return done
+
+
 DECODES = {
     "greedy": "the paper's decoding: the greedy continuation, up to its first newline",
     "likeliest": "the greedy continuation competes with the n-best hypotheses: the one the model itself finds "
@@ -299,7 +309,7 @@ def correct(model, tokenizer, hypotheses, audio_features, max_new_tokens: int = 
     # Encoded exactly as in training (prepare_data.tokenize_example): BOS, the prompt, no EOS.
     prompt_ids = tokenizer.encode(build_prompt(hypotheses), bos=True, eos=False, special=False).to(param.device)
     ids = generate(model, prompt_ids, max_new_tokens, temperature=0.0, eos_id=tokenizer.eos_id, audio=audio,
-                   audio_frames=audio_frames)
+                   audio_frames=audio_frames, done=first_line_done(tokenizer))
     text = response_text(tokenizer.decode(ids[len(prompt_ids):]))
     return text if decode == "greedy" else likeliest(model, tokenizer, hypotheses, audio, text, audio_frames)
 

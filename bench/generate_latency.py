@@ -73,12 +73,14 @@ def stages(audio_path: str, dtype_name: str, threads: int) -> dict:
         logits = wl(ids[None], input_pos=torch.arange(T), logits_mask=last, audio=feats.to(dtype),
                     audio_frames=frames)[-1]
         lap("prefill")
-        out = []
+        out, done = [], g.first_line_done(tok)
         for pos in range(T, T + 150):
             nxt = int(logits.argmax())
             if nxt == tok.eos_id:
                 break
             out.append(nxt)
+            if done(out):  # the transcript's line is complete, as generate.correct stops
+                break
             logits = wl(torch.tensor([[nxt]]), input_pos=torch.tensor([pos]))[0, -1]
         lap("decode")
         wl.clear_kv_cache()

@@ -88,6 +88,28 @@ def test_correct_follows_the_audio_and_equals_uncached_greedy(listening, tokeniz
 
 
 
+
+def test_generation_stops_once_the_transcript_line_is_complete(listening, tokenizer):
+    """first_line_done is true exactly when response_text() can no longer change; generate(done=...) stops after
+    the token that made it true and keeps every token before it."""
+    done = G.first_line_done(tokenizer)
+    enc = lambda t: tokenizer.encode(t, bos=False, eos=False, special=False).tolist()  # noqa: E731
+    assert not done(enc("\n\n")) and not done(enc("Show me flights"))  # leading newlines are stripped
+    assert done(enc("Show me flights.\n")) and done(enc("\nShow me flights.\n"))
+    for text in ("Show me flights.\nThe rest", "\n Show me.\n\nMore", "A\nB\nC"):
+        ids = enc(text)
+        stop = next(i for i in range(1, len(ids) + 1) if done(ids[:i]))
+        assert G.response_text(tokenizer.decode(ids[:stop])) == G.response_text(text)
+    model = listening
+    prompt = tokenizer.encode(build_prompt(["show me flights"]), bos=True, eos=False, special=False)
+    audio = torch.randn(1, 20, 32, generator=torch.Generator().manual_seed(2))
+    full = G.generate(model, prompt, 8, temperature=0.0, audio=audio)
+    seen = []
+    cut = G.generate(model, prompt, 8, temperature=0.0, audio=audio, done=lambda new: seen.append(list(new)) or
+                     len(new) == 3)
+    assert torch.equal(cut, full[: len(prompt) + 3]) and seen[-1] == full[len(prompt):len(prompt) + 3].tolist()
+
+
 def literal_logprob(model, tokenizer, hypotheses, audio, response):
     """log P(response | prompt, audio) from one full forward over prompt + response (no cache), the response
     encoded as training encodes it (no BOS, EOS at the end)."""
