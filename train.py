@@ -49,6 +49,7 @@ import torch.nn.functional as F
 from adapter import AdapterBlock, is_adapter_param
 from convert_checkpoint import SMOLLM2_DIR, ensure_llm, ensure_whisper
 import generate  # generate.correct by module attribute, so that tests can replace it
+from generate import cpu_bf16_is_faster
 from model import Block
 from prepare_data import IGNORE_INDEX, PreparedDataset, collate, summary, word_errors
 from storage import ProjectError, first_line, write_atomic
@@ -516,23 +517,6 @@ def on_gpu(accelerator: str) -> bool:
 # leaves the identity-initialised diagonals, the norm scales and gate_W exactly where they started.
 FABRIC_PRECISION = {"bf16": "bf16-mixed", "bf16-true": "bf16-true", "bf16-mixed": "bf16-mixed",
                     "16-mixed": "16-mixed", "32-true": "32-true"}
-
-
-def cpu_bf16_is_faster(n: int = 512, repeats: int = 8) -> bool:
-    """Whether this CPU multiplies bf16 matrices faster than fp32 ones (measured now, ~0.1 s). With AVX512-BF16
-    or AMX it does (4.5× here, and bf16 training steps run 2× faster: bench/train_speed.py); without them bf16
-    matmuls are emulated and run several times slower than fp32."""
-    import time
-
-    def seconds(dtype):
-        a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
-        a @ b  # warm-up
-        t0 = time.perf_counter()
-        for _ in range(repeats):
-            a @ b
-        return time.perf_counter() - t0
-
-    return seconds(torch.bfloat16) < seconds(torch.float32)
 
 
 def resolve_precision(requested, accelerator) -> str:

@@ -385,3 +385,13 @@ def test_say_speaks_the_text_once_and_corrects_that_clip(tmp_path, monkeypatch):
     assert seen[1] == [path] and Path(path).stat().st_mtime_ns == mtime  # made once
     with pytest.raises(SystemExit):
         G.main(["--say", "  "])
+
+
+def test_audio_dtype_auto_follows_the_cpu_probe(monkeypatch):
+    """--dtype auto with --audio: bf16 exactly when this CPU's bf16 matmuls are the faster ones; explicit dtypes
+    are taken as given."""
+    monkeypatch.setattr(G, "cpu_bf16_is_faster", lambda: True)
+    assert G.audio_dtype("auto", "cpu") == torch.bfloat16
+    monkeypatch.setattr(G, "cpu_bf16_is_faster", lambda: False)
+    assert G.audio_dtype("auto", "cpu") == torch.float32
+    assert G.audio_dtype("bfloat16", "cpu") == torch.bfloat16 and G.audio_dtype("float32", "cpu") == torch.float32
