@@ -265,15 +265,15 @@ def cache_path(out: Path, adapter, ds: PreparedDataset, llm, whisper, max_new_to
 
 
 def read_cache(path: Optional[Path]) -> dict:
-    """{utterance id: {"greedy": output, maybe "likeliest": output}} of a cache file; a line cut short by a kill
-    is ignored."""
+    """{utterance id: its record, {"id", "output" (greedy), maybe "likeliest"}} of a cache file; a line cut short
+    by a kill is ignored."""
     done = {}
     if path is not None and path.exists():
         for line in path.read_bytes().split(b"\n"):
             try:
                 record = json.loads(line)
-                done[record["id"]] = {"greedy": record["output"],
-                                      **({"likeliest": record["likeliest"]} if "likeliest" in record else {})}
+                if "output" in record:
+                    done[record["id"]] = record
             except (ValueError, KeyError, TypeError):
                 continue
     return done
@@ -283,9 +283,9 @@ def read_cache(path: Optional[Path]) -> dict:
 def run_adapter(adapter, ds: PreparedDataset, llm=None, whisper=None, device="cpu", max_new_tokens=150,
                 progress=True, requested=None, cache: Optional[Path] = None, likeliest=False):
     """The corrected transcript of every utterance of `ds` by one adapter checkpoint: greedy decoding, the
-    response up to its first newline (generate.correct, as the paper); a list, or with likeliest=True a pair
-    (greedy outputs, generate.DECODES["likeliest"] outputs), the second chosen among the first and the n-best. llm / whisper override the LLM folder
-    and the Whisper (name, folder or model) that the adapter file names; requested: generate.ADAPTER_FLAGS
+    response up to its first newline (generate.correct, as the paper). Returns {"greedy": outputs}, and with
+    likeliest=True also "likeliest": generate.DECODES["likeliest"] outputs, chosen among the greedy ones and the
+    n-best. llm / whisper override the LLM folder and the Whisper (name, folder or model) that the adapter file names; requested: generate.ADAPTER_FLAGS
     settings for what the file leaves open. The split must hold n-best lists in the adapter's form.
     cache: a JSONL file that receives each output as it is decoded and that a rerun takes them back from."""
     adapter = Path(adapter)
@@ -304,14 +304,14 @@ def run_adapter(adapter, ds: PreparedDataset, llm=None, whisper=None, device="cp
     c = model.config
     done = read_cache(cache)
     sink = None  # opened with the first new output: a run that fails at once leaves no file behind
-    outputs, chosen = [], []
+    outputs = {"greedy": [], **({"likeliest": []} if likeliest else {})}
     try:
         with tqdm(total=len(ds), desc=f"correcting ({adapter.name})", unit="utt", disable=not progress) as bar:
             for i, entry in enumerate(ds.entries):
                 record = done.get(entry["id"], {})  # decoded by an interrupted earlier run of the same command
-                if "greedy" in record and (not likeliest or "likeliest" in record):
-                    outputs.append(record["greedy"])
-                    chosen.append(record.get("likeliest"))
+                if record and (not likeliest or "likeliest" in record):
+                    for decode, outs in outputs.items():
+                        outs.append(record["output" if decode == "greedy" else decode])
                     bar.update(1)
                     continue
                 # the random-audio ablation draws noise: the same numbers for an utterance on every run, resumed
@@ -326,15 +326,16 @@ def run_adapter(adapter, ds: PreparedDataset, llm=None, whisper=None, device="cp
                 meta = item["meta"]
                 hyps, frames, features = meta["hypotheses"], meta.get("n_frames"), features.to(device)
                 try:
-                    greedy = record["greedy"] if "greedy" in record else \
-                        generate.correct(model, tokenizer, hyps, features, max_new_tokens, audio_frames=frames)
-                    record = {"id": meta["id"], "output": greedy}
+                    if not record:  # else only the likeliest choice is missing: the greedy output is cached
+                        record = {"id": meta["id"], "output": generate.correct(
+                            model, tokenizer, hyps, features, max_new_tokens, audio_frames=frames)}
                     if likeliest:
-                        record["likeliest"] = generate.likeliest(model, tokenizer, hyps, features, greedy, frames)
+                        record["likeliest"] = generate.likeliest(model, tokenizer, hyps, features, record["output"],
+                                                                 frames)
                 except GenerateError as e:  # e.g. a prompt longer than the LLM's context
                     raise EvalError(f"{meta['id']}: {e}") from None
-                outputs.append(greedy)
-                chosen.append(record.get("likeliest"))
+                for decode, outs in outputs.items():
+                    outs.append(record["output" if decode == "greedy" else decode])
                 if cache is not None:  # one whole line per write: a kill leaves at most one torn line, ignored
                     if sink is None:
                         cache.parent.mkdir(parents=True, exist_ok=True)
@@ -345,7 +346,7 @@ def run_adapter(adapter, ds: PreparedDataset, llm=None, whisper=None, device="cp
     finally:
         if sink is not None:
             sink.close()
-    return (outputs, chosen) if likeliest else outputs
+    return outputs
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -462,10 +463,7 @@ def evaluate(data, split="test", adapters=None, limit=None, out=None, llm=None, 
     for i, a in enumerate(names):
         cache = cache_path(out, a, ds, llm, whisper, max_new_tokens, requested)
         ran = run_adapter(a, ds, llm, whisper, device, max_new_tokens, progress, requested, cache, likeliest)
-        if likeliest:
-            outputs[a], outputs[f"{a} (likeliest)"] = ran
-        else:
-            outputs[a] = ran
+        outputs.update({a if decode == "greedy" else f"{a} ({decode})": outs for decode, outs in ran.items()})
         if i < len(names) - 1:
             report()  # the finished adapters' rows are on disk even if a later adapter fails
     result = report()

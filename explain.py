@@ -250,11 +250,11 @@ def explain(model, tokenizer, hypotheses, audio_features=None, audio_frames=None
     (read by the model token by token, as the greedy output would be). Returns a dict of plain numbers
     (lists), the content of the JSON file; `draw` makes the figure from it."""
     import generate as G
-    from prepare_data import build_prompt
+    from prepare_data import encode_prompt
 
     c = model.config
     device = next(model.parameters()).device
-    prompt_ids = tokenizer.encode(build_prompt(hypotheses), bos=True, eos=False, special=False).to(device)
+    prompt_ids = encode_prompt(tokenizer, hypotheses).to(device)
     audio = None
     if c.use_whisper:
         if audio_features is None:

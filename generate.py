@@ -35,8 +35,8 @@ import torch
 import convert_checkpoint
 import whisper_model as wm
 from model import LLaMA
-from prepare_data import AUDIO_EXTENSIONS, HYPOTHESIS_FORMS, InputError, build_prompt, read_manifest, \
-    select_hypotheses
+from prepare_data import AUDIO_EXTENSIONS, HYPOTHESIS_FORMS, InputError, encode_prompt, encode_response, \
+    read_manifest, select_hypotheses
 from storage import ProjectError, first_line, write_atomic
 from tokenizer import Tokenizer
 from wl_checkpoint import build_model, load_adapter_state, merge_settings, read_adapter_file, read_adapter_meta
@@ -331,8 +331,7 @@ def correct(model, tokenizer, hypotheses, audio_features, max_new_tokens: int = 
     audio = audio_features if audio_features.dim() == 3 else audio_features[None]
     param = next(model.parameters())
     audio = audio.to(param.device)
-    # Encoded exactly as in training (prepare_data.tokenize_example): BOS, the prompt, no EOS.
-    prompt_ids = tokenizer.encode(build_prompt(hypotheses), bos=True, eos=False, special=False).to(param.device)
+    prompt_ids = encode_prompt(tokenizer, hypotheses).to(param.device)  # exactly as in training
     ids = generate(model, prompt_ids, max_new_tokens, temperature=0.0, eos_id=tokenizer.eos_id, audio=audio,
                    audio_frames=audio_frames, done=first_line_done(tokenizer))
     text = response_text(tokenizer.decode(ids[len(prompt_ids):]))
@@ -346,10 +345,9 @@ def likeliest(model, tokenizer, hypotheses, audio_features, greedy_text: str, au
     device = next(model.parameters()).device
     audio = None if audio_features is None else \
         (audio_features if audio_features.dim() == 3 else audio_features[None]).to(device)
-    prompt_ids = tokenizer.encode(build_prompt(hypotheses), bos=True, eos=False, special=False).to(device)
+    prompt_ids = encode_prompt(tokenizer, hypotheses).to(device)
     candidates = list(dict.fromkeys([greedy_text, *hypotheses]))
-    # Each candidate as training encodes a response (prepare_data.tokenize_example): no BOS, then EOS.
-    responses = [tokenizer.encode(c, bos=False, eos=True, special=False).to(device) for c in candidates]
+    responses = [encode_response(tokenizer, c).to(device) for c in candidates]  # as training targets them
     scores = response_logprobs(model, prompt_ids, responses, audio, audio_frames)
     return candidates[max(range(len(candidates)), key=scores.__getitem__)]
 

@@ -74,6 +74,17 @@ def build_prompt(hypotheses) -> str:
     return PROMPT_TEMPLATE.format(input="\n".join(h.strip() for h in hypotheses))
 
 
+def encode_prompt(tokenizer, hypotheses) -> torch.Tensor:
+    """The prompt's ids as the model reads them, in training and at inference: BOS, the prompt as ordinary text
+    (special=False), no EOS."""
+    return tokenizer.encode(build_prompt(hypotheses), bos=True, eos=False, special=False)
+
+
+def encode_response(tokenizer, response: str) -> torch.Tensor:
+    """A response's ids as training targets them: encoded on its own, no BOS, then EOS (tokenize_example)."""
+    return tokenizer.encode(response.strip(), bos=False, eos=True, special=False)
+
+
 def tokenize_example(tokenizer, hypotheses, response):
     """Token ids and labels for one training example. Returns (ids (T,), labels (T,)) LongTensors.
 
@@ -84,8 +95,7 @@ def tokenize_example(tokenizer, hypotheses, response):
     reads exactly these prompt ids. Data text is ordinary text (special=False): a literal "<|im_end|>" in a
     transcript stays characters. The labels are the ids with every prompt position set to IGNORE_INDEX, so the
     loss covers the response and its EOS only (without this masking WER gets much worse: the paper's Table 2)."""
-    prompt_ids = tokenizer.encode(build_prompt(hypotheses), bos=True, eos=False, special=False)
-    response_ids = tokenizer.encode(response.strip(), bos=False, eos=True, special=False)
+    prompt_ids, response_ids = encode_prompt(tokenizer, hypotheses), encode_response(tokenizer, response)
     ids = torch.cat([prompt_ids, response_ids])
     labels = ids.clone()
     labels[: len(prompt_ids)] = IGNORE_INDEX

@@ -40,7 +40,7 @@ def stages(audio_path: str, dtype_name: str, threads: int) -> dict:
     import convert_checkpoint
     import generate as g
     import whisper_model as wm
-    from prepare_data import build_prompt, select_hypotheses
+    from prepare_data import encode_prompt, select_hypotheses
 
     torch.set_num_threads(threads)
     dtype = getattr(torch, dtype_name)
@@ -65,13 +65,10 @@ def stages(audio_path: str, dtype_name: str, threads: int) -> dict:
         hyps, _, _ = select_hypotheses(drawn["samples"], None, wl.hypothesis_form, keep=15)
         lap("n-best")
         # generate.generate, split at the prefill so that each part has its own clock.
-        ids = tok.encode(build_prompt(hyps), bos=True, eos=False, special=False)
+        ids = encode_prompt(tok, hyps)
         T, frames = len(ids), wm.encoder_frames(len(audio))
         wl.set_kv_cache(batch_size=1, max_seq_length=T + 150)
-        last = torch.zeros(1, T, dtype=torch.bool)
-        last[0, -1] = True
-        logits = wl(ids[None], input_pos=torch.arange(T), logits_mask=last, audio=feats.to(dtype),
-                    audio_frames=frames)[-1]
+        logits = g.prefill(wl, ids, feats.to(dtype), frames)
         lap("prefill")
         out, done = [], g.first_line_done(tok)
         for pos in range(T, T + 150):
