@@ -19,19 +19,20 @@ shows it for one utterance, with three panels:
 "Output token j" means the query that *produced* token j: the position before it (the prompt's last token for the
 first word), so every row shows what the model looked at when it chose that word.
 
-How: the normal, fast generation runs first (generate.generate, untouched). Then ONE extra teacher-forced pass over
-prompt + generated tokens recomputes every layer from the literal formulas of DESIGN.md §2, using only the model's
+How: the normal, fast decoding runs first (generate.correct's own steps, untouched). Then ONE extra teacher-forced
+pass over prompt + response recomputes every layer from the literal formulas of DESIGN.md §2, using only the model's
 parameters and config (the padded (H, F, D) template is built here, on purpose), and keeps the probabilities at the
-output rows. Nothing of this runs unless asked. The pass is checked against the model: its logits reproduce the
-greedy tokens (`matches_generation` in the JSON), and tests/test_explain.py asserts that every layer's output equals
+output rows. Nothing of this runs unless asked. The pass is checked against the model: at every output row it picks
+the same next token as the model's own forward over the same tokens (`matches_model` in the JSON; for a bf16
+model, whose forward rounds where this float32 pass does not, a near-tie may differ), and tests/test_explain.py asserts that every layer's output equals
 the real module's and that the AiW probabilities equal tests/wl_reference.py's literal template.
 
-Two things a reader of the listening panel should know:
+Three things a reader of the listening panel should know:
   - kv_layout "paper" (the reference code's head split) reinterprets the (F, W) buffer as (Hw, F, Dw): key row f of
     Whisper head h then holds part of frame (h·F + f) // Hw, not frame f. The panel maps every key row back to the
     frame it carries, so the time axis stays true in both layouts.
   - The random ablations (--random-audio, --random-init) draw fresh noise at every forward: this pass explains its
-    own draw, so there `matches_generation` may be false.
+    own draw, so there `matches_model` may be false.
   - The gates scale the branch outputs, not these probabilities: a layer whose gate_W is near 0 can attend
     sharply and still change nothing. The third panel says how much each layer's audio branch actually counted.
 """
@@ -260,25 +261,25 @@ def explain(model, tokenizer, hypotheses, audio_features=None, audio_frames=None
         if audio_features is None:
             raise G.GenerateError("this adapter listens: pass the audio features")
         audio = (audio_features[0] if audio_features.dim() == 3 else audio_features).to(device)
-    kwargs = dict(audio=audio[None]) if audio is not None else {}
-    if audio_frames is not None and audio is not None:
-        kwargs["audio_frames"] = audio_frames
-    # 1. The normal, fast path: nothing below changes it.
-    ids = G.generate(model, prompt_ids, max_new_tokens, temperature=0.0, eos_id=tokenizer.eos_id, **kwargs)
+    # 1. The normal, fast path (generate.correct's own steps): nothing below changes it.
     P = len(prompt_ids)
-    new = ids[P:].clone()
-    text = G.response_text(tokenizer.decode(new))
-    stopped = len(new) < max_new_tokens and P + len(new) < c.block_size  # greedy drew EOS
-    greedy_text = text
+    new = G.greedy_response(model, tokenizer, prompt_ids, None if audio is None else audio[None], max_new_tokens,
+                            audio_frames)
+    greedy_text = text = G.response_text(tokenizer.decode(new))
+    done = G.first_line_done(tokenizer)  # why decoding stopped: EOS, the line's end, or the length limit
+    stopped = len(new) < max_new_tokens and P + len(new) < c.block_size and not (len(new) and done(new.tolist()))
     if decode == "likeliest":
         text = G.likeliest(model, tokenizer, hypotheses, audio, greedy_text, audio_frames)
         if text != greedy_text:  # a hypothesis won: explain it, as the response the model read
             new, stopped = tokenizer.encode(text, bos=False, eos=False, special=False).to(device), True
     out_tokens = new.tolist() + ([tokenizer.eos_id] if stopped else [])
     rows = torch.arange(P - 1, P - 1 + len(out_tokens))  # the query that produced each output token
-    # 2. The explicit pass over prompt + generated tokens.
-    cap = literal_pass(model, torch.cat([prompt_ids, new]), audio, audio_frames, rows)
-    chosen = cap["logits"][rows].argmax(-1).tolist()
+    # 2. The explicit pass over prompt + response, and the model's own forward over the same tokens to check it.
+    ids = torch.cat([prompt_ids, new])
+    cap = literal_pass(model, ids, audio, audio_frames, rows)
+    with torch.inference_mode():
+        own = model(ids[None], audio=None if audio is None else audio[None], audio_frames=audio_frames)[0]
+    matches = cap["logits"][rows].argmax(-1).tolist() == own[rows].argmax(-1).tolist()
     layers = cap["layers"]
     if layer is not None and layer not in layers:
         raise G.GenerateError(f"--explain-layer {layer}: not an adapter layer (those are {layers[0]}..{layers[-1]})")
@@ -291,7 +292,7 @@ def explain(model, tokenizer, hypotheses, audio_features=None, audio_frames=None
     result = dict(
         text=text, greedy_text=greedy_text, decode=decode, hypotheses=list(hypotheses),
         tokens=[tokenizer.decode([t]) for t in out_tokens], token_ids=out_tokens, ended_with_eos=stopped,
-        matches_generation=chosen == out_tokens,
+        matches_model=matches,
         layers=layers, layer=layer, kv_layout=c.kv_layout if c.use_whisper else None,
         reading=dict(parts=[s[0] for s in segments] + ["earlier output"],
                      spans=[[a, b] for _, a, b in segments] + [[P, P + len(new)]],

@@ -332,10 +332,17 @@ def correct(model, tokenizer, hypotheses, audio_features, max_new_tokens: int = 
     param = next(model.parameters())
     audio = audio.to(param.device)
     prompt_ids = encode_prompt(tokenizer, hypotheses).to(param.device)  # exactly as in training
+    text = response_text(tokenizer.decode(greedy_response(model, tokenizer, prompt_ids, audio, max_new_tokens,
+                                                          audio_frames)))
+    return text if decode == "greedy" else likeliest(model, tokenizer, hypotheses, audio, text, audio_frames)
+
+
+def greedy_response(model, tokenizer, prompt_ids, audio=None, max_new_tokens: int = 150, audio_frames=None):
+    """The paper's decoding: the greedy response's token ids (n,), up to its first complete line (EOS, when drawn
+    first, is not included). audio (1, F, W) or None. correct() and explain.py both decode through here."""
     ids = generate(model, prompt_ids, max_new_tokens, temperature=0.0, eos_id=tokenizer.eos_id, audio=audio,
                    audio_frames=audio_frames, done=first_line_done(tokenizer))
-    text = response_text(tokenizer.decode(ids[len(prompt_ids):]))
-    return text if decode == "greedy" else likeliest(model, tokenizer, hypotheses, audio, text, audio_frames)
+    return ids[len(prompt_ids):]
 
 
 @torch.inference_mode()

@@ -170,7 +170,7 @@ def test_explain_gives_the_fast_path_text_and_sums_to_one(tiny, tokenizer, tmp_p
     audio = torch.randn(60, 32, generator=torch.Generator().manual_seed(5))
     fast = G.correct(model, tokenizer, HYPS, audio, max_new_tokens=8, audio_frames=25)
     expl = E.explain(model, tokenizer, HYPS, audio, audio_frames=25, max_new_tokens=8, layer=layer)
-    assert expl["text"] == fast and expl["matches_generation"]
+    assert expl["text"] == fast and expl["matches_model"]
     R = len(expl["tokens"])
     assert R >= 2 and tokenizer.decode(expl["token_ids"][:8]).strip().startswith(fast)
     reading = np.array(expl["reading"]["drawn"])
@@ -247,7 +247,7 @@ def test_reference_pth_adapters_explain_end_to_end(tiny, tokenizer, tmp_path, va
     mel = wm.log_mel_spectrogram(wm.load_audio(wav))
     feats = whisper.embed_audio(mel[None])[0].detach()
     assert expl["text"] == G.correct(loaded, tokenizer, hyps, feats, 6, audio_frames=100)
-    assert expl["matches_generation"] and png.read_bytes()[:4] == b"\x89PNG"
+    assert expl["matches_model"] and png.read_bytes()[:4] == b"\x89PNG"
     if use_whisper:
         assert expl["kv_layout"] == "paper" and expl["listening"]["clip_frames"] == 100
     else:
@@ -280,7 +280,7 @@ def test_cli_flags_are_checked(capsys):
 @pytest.mark.skipif(not (FIXTURES / "jfk.flac").is_file(), reason="../shared/fixtures/jfk.flac is absent")
 def test_real_weights_explain_jfk(tmp_path, embedded_llm_dir, embedded_whisper_dir):
     """The shipped demo adapter on real speech: the CLI writes the figure and JSON, the explicit pass reproduces
-    the greedy tokens of the real model, and the text is the one generate.py prints without --explain."""
+    the real model's next-token choices, and the text is the one generate.py prints without --explain."""
     import subprocess
     import sys
 
@@ -293,7 +293,7 @@ def test_real_weights_explain_jfk(tmp_path, embedded_llm_dir, embedded_whisper_d
     assert plain.returncode == 0 and explained.returncode == 0, (plain.stderr, explained.stderr)
     assert json.loads(plain.stdout) == json.loads(explained.stdout)  # --explain changes nothing of the result
     expl = json.loads(png.with_suffix(".json").read_text())
-    assert expl["text"] == json.loads(plain.stdout)["corrected"] and expl["matches_generation"]
+    assert expl["text"] == json.loads(plain.stdout)["corrected"] and expl["matches_model"]
     lis = np.array(expl["listening"]["drawn"])
     np.testing.assert_allclose(lis.sum(-1), 1, atol=1e-4)
     np.testing.assert_allclose(np.array(expl["reading"]["drawn"]).sum(-1), 1, atol=1e-4)
