@@ -208,6 +208,8 @@ class AdapterAttention(CausalSelfAttention):
         """The paper's initialisation: zero prefix gate, unit Whisper gate and norms, identity Q_d/Q_h and
         down/up (or, for the no-special-initialisation ablation, standard normal down/up)."""
         c = self.config
+        if self.adapter_gate_prefix.is_meta:  # built without storage (storage.empty_init): values come later
+            return
         # lit-llama's LLaMA-Adapter leaves the prefix at nn.Embedding's default init (its gate is 0).
         nn.init.normal_(self.adapter_prefix.weight)
         nn.init.zeros_(self.adapter_gate_prefix)

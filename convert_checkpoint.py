@@ -35,7 +35,7 @@ from safetensors.torch import save_file
 
 import tokenizer
 from model import Config, LLaMA, configs, rope_frequencies
-from storage import ConversionError, check_state, describe_file, first_line, read_safetensors
+from storage import ConversionError, check_state, describe_file, empty_init, first_line, read_safetensors
 from tokenizer import WhisperTokenizer
 from whisper_model import ModelDimensions, Whisper, check_state_dict, sinusoids
 
@@ -147,7 +147,7 @@ def meta_to_ours(sd: dict, config) -> dict:
 def check_llm_state(state: dict, config, source) -> None:
     """Every tensor must have the shape the config implies (a model built on the meta device costs nothing)."""
 
-    with torch.device("meta"):
+    with empty_init():
         model = LLaMA(config)
     expected = {n: tuple(p.shape) for n, p in model.state_dict().items()}
     if config.tie_embeddings:
@@ -704,7 +704,7 @@ def _whisper_dims_and_check(state: dict, dims: dict, source):
 
     try:
         d = ModelDimensions(**dims)
-        with torch.device("meta"):
+        with empty_init():
             model = Whisper(d)
         check_state_dict(model, state, where=str(source))
     except (TypeError, ValueError, AssertionError) as e:

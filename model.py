@@ -25,7 +25,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from storage import load_weights, read_json_config, read_safetensors
+from storage import empty_init, load_weights, read_json_config, read_safetensors
 
 
 @dataclass
@@ -340,7 +340,7 @@ class LLaMA(nn.Module):
             if not p.is_file():
                 raise FileNotFoundError(f"{p} not found; convert a checkpoint with convert_checkpoint.py")
         config = read_json_config(config_path, Config.from_dict, "an LLM config")
-        with torch.device("meta"):
+        with empty_init():
             model = cls(config, **model_kwargs)
         state = read_safetensors(weights_path, device=device or "cpu")  # one-line error for a damaged file
         missing = load_weights(model, state, where=weights_path)

@@ -36,7 +36,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from storage import ProjectError, check_state, read_safetensors
+from storage import ProjectError, check_state, empty_init, read_safetensors
 
 # ----------------------------------------------------------------------------------------------------
 # Audio front end: pure functions
@@ -253,8 +253,9 @@ def sinusoids(length: int, channels: int, max_timescale: float = 10000.0) -> tor
     the channels, cos in the second half."""
     assert channels % 2 == 0
     increment = math.log(max_timescale) / (channels // 2 - 1)
-    inv_timescales = torch.exp(-increment * torch.arange(channels // 2, dtype=torch.float64))
-    scaled = torch.arange(length, dtype=torch.float64)[:, None] * inv_timescales[None, :]
+    # on the CPU even while a model is built on the meta device (storage.empty_init): a formula, not a weight
+    inv_timescales = torch.exp(-increment * torch.arange(channels // 2, dtype=torch.float64, device="cpu"))
+    scaled = torch.arange(length, dtype=torch.float64, device="cpu")[:, None] * inv_timescales[None, :]
     return torch.cat([scaled.sin(), scaled.cos()], dim=1).float()
 
 
@@ -424,7 +425,7 @@ class TextDecoder(nn.Module):
     def __init__(self, n_vocab: int, n_ctx: int, n_state: int, n_head: int, n_layer: int):
         super().__init__()
         self.token_embedding = nn.Embedding(n_vocab, n_state)
-        self.positional_embedding = nn.Parameter(torch.randn(n_ctx, n_state) * 0.01)
+        self.positional_embedding = nn.Parameter(nn.init.normal_(torch.empty(n_ctx, n_state), std=0.01))
         self.blocks = nn.ModuleList([ResidualAttentionBlock(n_state, n_head, cross_attention=True)
                                      for _ in range(n_layer)])
         self.ln = LayerNorm(n_state)
@@ -486,7 +487,7 @@ class Whisper(nn.Module):
             dims = ModelDimensions(**json.loads((d / "config.json").read_text()))
         except (TypeError, ValueError) as e:
             raise ValueError(f"{d / 'config.json'} is not a Whisper config ({e})") from None
-        with torch.device("meta"):
+        with empty_init():
             model = cls(dims)
         state = read_safetensors(d / "model.safetensors")  # one-line error for a damaged file
         check_state_dict(model, state, where=str(d / "model.safetensors"))

@@ -21,7 +21,8 @@ from adapter import (VARIANTS, WhisperingLLaMA, WLConfig, adapter_state_dict, co
                      is_adapter_param, mark_only_adapter_as_trainable)
 from convert_checkpoint import load_torch_file
 from model import Config
-from storage import ConversionError, check_state, describe_file, load_weights, read_json_config, read_safetensors, write_atomic
+from storage import (ConversionError, check_state, describe_file, empty_init, load_weights, read_json_config,
+                     read_safetensors, write_atomic)
 
 # ------------------------------------------------------------------------------------------------------
 # Assembly
@@ -47,7 +48,7 @@ def build_model(llm_dir, whisper=None, device="cpu", **overrides) -> WhisperingL
     if dims is None:
         overrides.setdefault("use_whisper", False)
     config = wl_config(llm_config, dims, **overrides)
-    with torch.device("meta"):
+    with empty_init():
         model = WhisperingLLaMA(config)
     weights = llm_dir / "model.safetensors"
     missing = load_weights(model, read_safetensors(weights, device=device), where=weights)  # errors name the file

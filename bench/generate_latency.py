@@ -13,7 +13,9 @@ process, as a user pays it):
                  per pass; tokens/s) and likeliest (--decode likeliest, the default: the greedy output and the
                  n-best scored by the adapter model, after a second prefill).
 Printed: a table of the stages for each precision, and bf16's speed-up over fp32 for each; the corrected
-text of both, so that a change of output is seen.
+text of both, so that a change of output is seen. Then the load stage against its previous path (models built
+under `torch.device("meta")` alone instead of storage.empty_init, whose skipped init draws keep torch from
+importing torch._dynamo), in fresh processes of the last precision.
 """
 import argparse
 import json
@@ -31,12 +33,17 @@ DEMO_SENTENCE = "I would like a one way flight from Boston to Denver on the four
 STAGES = ("import", "load", "features", "1-best", "n-best", "prefill", "decode", "likeliest")
 
 
-def stages(audio_path: str, dtype_name: str, threads: int) -> dict:
-    """Seconds per stage of one correction, in this (fresh) process."""
+def stages(audio_path: str, dtype_name: str, threads: int, meta_only=False) -> dict:
+    """Seconds per stage of one correction, in this (fresh) process. meta_only: build the models on the meta
+    device alone, the path before storage.empty_init (patched in before any project file imports it)."""
     t0 = time.perf_counter()
     import torch
 
     sys.path.insert(0, str(ROOT))
+    if meta_only:
+        import storage
+
+        storage.empty_init = lambda: torch.device("meta")
     import convert_checkpoint
     import generate as g
     import whisper_model as wm
@@ -85,7 +92,7 @@ def stages(audio_path: str, dtype_name: str, threads: int) -> dict:
         corrected = g.likeliest(wl, tok, hyps, feats.to(dtype), greedy, frames)
         lap("likeliest")
     return dict(seconds=seconds, tokens=len(out), prompt_tokens=T, one_best=one_best, corrected=corrected,
-                greedy=greedy)
+                greedy=greedy, dynamo_imported="torch._dynamo" in sys.modules)
 
 
 def end_to_end(audio_path: str, dtype_name: str, threads: int) -> tuple:
@@ -105,9 +112,10 @@ def main(argv=None):
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--dtypes", nargs="+", default=["float32", "bfloat16"])
     parser.add_argument("--one", default=None, help=argparse.SUPPRESS)  # internal: the stages of one dtype
+    parser.add_argument("--meta-only", action="store_true", help=argparse.SUPPRESS)  # internal: the old build
     args = parser.parse_args(argv)
     if args.one:
-        print(json.dumps(stages(args.audio, args.one, args.threads)))
+        print(json.dumps(stages(args.audio, args.one, args.threads, args.meta_only)))
         return
     audio = args.audio
     if audio is None:
@@ -118,15 +126,19 @@ def main(argv=None):
             from generate import say
             audio = str(say(DEMO_SENTENCE))
     print(f"clip: {audio}; {args.threads} threads; median of {args.repeats}")
-    rows = {}
-    for d in args.dtypes:
+    def fresh_runs(d, *extra):
         runs = []
         for _ in range(args.repeats):
             r = subprocess.run([sys.executable, __file__, "--one", d, "--audio", audio, "--threads",
-                                str(args.threads)], capture_output=True, text=True, cwd=ROOT)
+                                str(args.threads), *extra], capture_output=True, text=True, cwd=ROOT)
             if r.returncode != 0:
                 raise SystemExit(r.stderr.strip().splitlines()[-1])
             runs.append(json.loads(r.stdout.strip().splitlines()[-1]))
+        return runs
+
+    rows = {}
+    for d in args.dtypes:
+        runs = fresh_runs(d)
         walls = [end_to_end(audio, d, args.threads) for _ in range(args.repeats)]
         med = {s: statistics.median(r["seconds"][s] for r in runs) for s in STAGES}
         rows[d] = dict(stages=med, tokens=runs[0]["tokens"], prompt_tokens=runs[0]["prompt_tokens"],
@@ -150,6 +162,13 @@ def main(argv=None):
         print(f"  greedy:    {r['greedy']}")
         print(f"  likeliest: {r['corrected']}")
         print(f"  CLI:       {r['cli']}")
+    d = args.dtypes[-1]
+    old = fresh_runs(d, "--meta-only")
+    load_old = statistics.median(r["seconds"]["load"] for r in old)
+    load_new = rows[d]["stages"]["load"]
+    print(f"\nload ({d}): meta device alone {load_old:.2f} s (torch._dynamo imported: "
+          f"{old[0]['dynamo_imported']}), storage.empty_init {load_new:.2f} s: {load_old / load_new:.2f}×, "
+          f"{load_old - load_new:.2f} s less")
 
 
 if __name__ == "__main__":

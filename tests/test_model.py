@@ -214,3 +214,39 @@ def test_from_checkpoint_roundtrip_and_mismatch(tmp_path):
     save_checkpoint(tmp_path / "missing", state, config.to_dict())
     with pytest.raises(ValueError, match="lacks"):
         M.LLaMA.from_checkpoint(tmp_path / "missing")
+
+
+def test_empty_init_builds_every_model_without_values_and_without_importing_dynamo(tmp_path):
+    """storage.empty_init: the LLM, Whisper and Whispering-LLaMA are built with every parameter on the meta
+    device, the encoder's sinusoids still computed (a formula, not a weight), and torch._dynamo never imported:
+    `torch.device("meta")` alone imports it through the init draws (1.2 s of every generate.py start). A fresh
+    interpreter, since other tests import torch._dynamo into this one."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from convert_checkpoint import save_checkpoint
+
+    config = M.Config.from_name("tiny", tie_embeddings=True)
+    state = {k: v for k, v in M.LLaMA(config).state_dict().items() if k != "lm_head.weight"}
+    save_checkpoint(tmp_path / "llm", state, config.to_dict())
+    script = f"""
+import sys, torch
+import model as M, whisper_model as wm
+from adapter import WhisperingLLaMA, WLConfig
+from storage import empty_init
+llm = M.LLaMA.from_checkpoint({str(tmp_path / 'llm')!r})
+assert not any(p.is_meta for p in llm.parameters())
+dims = wm.ModelDimensions(n_audio_state=32, n_audio_head=2, n_text_state=32, n_text_head=2, n_audio_layer=1,
+                          n_text_layer=1)
+with empty_init():
+    w = wm.Whisper(dims)
+    wl = WhisperingLLaMA(WLConfig.from_name("tiny", whisper_width=32, whisper_heads=2, whisper_layers=1))
+assert all(p.is_meta for p in list(w.parameters()) + list(wl.parameters()))
+assert torch.equal(w.encoder.positional_embedding, wm.sinusoids(1500, 32))
+print("torch._dynamo" in sys.modules)
+"""
+    root = Path(__file__).resolve().parents[1]
+    r = subprocess.run([sys.executable, "-c", script], cwd=root, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.split() == ["False"]
