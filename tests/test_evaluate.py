@@ -407,6 +407,32 @@ def test_end_to_end_table_and_jsonl_match_the_outputs(tiny_setup):
 
 
 
+def test_bf16_adapters_decode_as_generate_does_with_bf16_weights(tiny_setup):
+    """--dtype bfloat16: every output is generate.correct's with the adapter model loaded in bf16, the cache of an
+    fp32 run is not reused for it, and the table's title says so."""
+    import torch
+
+    from generate import correct, load_wl
+
+    t = tiny_setup
+    name = str(t["adapters"][0])
+    out = t["base"] / "bf16" / "test.md"
+    evaluate.evaluate(t["data"], "test", adapters=[name], out=out, whisper=t["whisper"], max_new_tokens=12,
+                      progress=False)  # an fp32 run first: its outputs must not be taken for the bf16 ones
+    ds = evaluate.load_split(t["data"], "test")
+    assert evaluate.cache_path(out, name, ds, None, t["whisper"], 12, None, "bfloat16") != \
+        evaluate.cache_path(out, name, ds, None, t["whisper"], 12, None)
+    result = evaluate.evaluate(t["data"], "test", adapters=[name], out=out, whisper=t["whisper"], max_new_tokens=12,
+                               progress=False, dtype="bfloat16")
+    model, tokenizer = load_wl(t["adapters"][0], whisper=t["whisper"], dtype=torch.bfloat16)
+    assert next(model.lm_head.parameters()).dtype == torch.bfloat16
+    want = [correct(model, tokenizer, u["hypotheses"], torch.from_numpy(t["features"][i]), max_new_tokens=12)
+            for i, u in enumerate(UTTERANCES)]
+    lines = [json.loads(s) for s in out.with_suffix(".jsonl").read_text().splitlines()]
+    assert [line["outputs"][name] for line in lines] == want
+    assert "3 utterances, adapters in bfloat16" in result["markdown"]
+
+
 def test_likeliest_rows_reuse_the_greedy_outputs_and_pick_by_the_model(tiny_setup, monkeypatch):
     """--likeliest adds "<adapter> (likeliest)" rows: generate.likeliest applied to each utterance's greedy output;
     a rerun after a greedy-only run decodes nothing again (the cached greedy outputs are reused)."""
