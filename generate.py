@@ -222,20 +222,25 @@ def default_adapter() -> Optional[Path]:
 
 def find_latest_adapter(root=None) -> Optional[Path]:
     """The newest best.safetensors of a training run under `root` (default out/), else the newest adapter file
-    there."""
+    there. Adapters of the --random-audio ablation are passed over: they hear noise instead of the clip."""
     root = Path(root or OUT)
     if not root.is_dir():
         return None
-    best = sorted(root.rglob("best.safetensors"), key=lambda p: p.stat().st_mtime)
+
+    def meta(p):
+        try:
+            return read_adapter_meta(p)
+        except (OSError, ValueError):  # a damaged file is nobody's default; naming it with --adapter reports it
+            return None
+
+    def hears_noise(p):
+        return bool(((meta(p) or {}).get("config") or {}).get("random_audio"))
+
+    by_age = lambda paths: sorted(paths, key=lambda p: p.stat().st_mtime)  # noqa: E731
+    best = [p for p in by_age(root.rglob("best.safetensors")) if not hears_noise(p)]
     if best:
         return best[-1]
-    def is_adapter(p):
-        try:
-            return bool(read_adapter_meta(p))
-        except (OSError, ValueError):  # a damaged file is nobody's default; naming it with --adapter reports it
-            return False
-
-    files = [p for p in sorted(root.rglob("*.safetensors"), key=lambda p: p.stat().st_mtime) if is_adapter(p)]
+    files = [p for p in by_age(root.rglob("*.safetensors")) if meta(p) and not hears_noise(p)]
     return files[-1] if files else None
 
 

@@ -1,5 +1,6 @@
 """The Whispering-LLaMA path of generate.py: correction, adapter files, the no-adapter notice."""
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -179,6 +180,11 @@ def test_adapter_file_roundtrip_rebuilds_the_same_model(tiny, tokenizer, tmp_pat
     audio = torch.randn(1, 40, 32)
     with torch.no_grad():
         torch.testing.assert_close(loaded(idx, audio), model(idx, audio))
+    assert G.find_latest_adapter(tmp_path) == path
+    # a newer run of the --random-audio ablation hears noise: it is never the default adapter
+    noisy = wl_checkpoint.save_adapter(trained_like(llm_dir, whisper, random_audio=True),
+                                       tmp_path / "abl" / "best.safetensors", llm=llm_dir, whisper="unused")
+    os.utime(noisy, (path.stat().st_mtime + 10,) * 2)
     assert G.find_latest_adapter(tmp_path) == path
     with pytest.raises(G.GenerateError, match="not found"):
         G.load_wl(tmp_path / "missing.safetensors", whisper=whisper)
