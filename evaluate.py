@@ -287,8 +287,8 @@ def run_adapter(adapter, ds: PreparedDataset, llm=None, whisper=None, device="cp
     """The corrected transcript of every utterance of `ds` by one adapter checkpoint: greedy decoding, the
     response up to its first newline (generate.correct, as the paper). Returns {"greedy": outputs}, and with
     likeliest=True also "likeliest": generate.DECODES["likeliest"] outputs, chosen among the greedy ones and the
-    n-best. llm / whisper override the LLM folder and the Whisper (name, folder or model) that the adapter file names; requested: generate.ADAPTER_FLAGS
-    settings for what the file leaves open. The split must hold n-best lists in the adapter's form.
+    n-best. llm / whisper override the LLM folder and the Whisper (name, folder or model) that the adapter file
+    names; requested: generate.ADAPTER_FLAGS settings for what the file leaves open. The split must hold n-best lists in the adapter's form.
     cache: a JSONL file that receives each output as it is decoded and that a rerun takes them back from.
     dtype: the frozen weights' dtype (generate.py's --dtype; "auto" as there)."""
     adapter = Path(adapter)

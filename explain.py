@@ -24,8 +24,9 @@ pass over prompt + response recomputes every layer from the literal formulas of 
 parameters and config (the padded (H, F, D) template is built here, on purpose), and keeps the probabilities at the
 output rows. Nothing of this runs unless asked. The pass is checked against the model: at every output row it picks
 the same next token as the model's own forward over the same tokens (`matches_model` in the JSON; for a bf16
-model, whose forward rounds where this float32 pass does not, a near-tie may differ), and tests/test_explain.py asserts that every layer's output equals
-the real module's and that the AiW probabilities equal tests/wl_reference.py's literal template.
+model, whose forward rounds where this float32 pass does not, a near-tie may differ), and tests/test_explain.py
+asserts that every layer's output equals the real module's and that the AiW probabilities equal
+tests/wl_reference.py's literal template.
 
 Three things a reader of the listening panel should know:
   - kv_layout "paper" (the reference code's head split) reinterprets the (F, W) buffer as (Hw, F, Dw): key row f of

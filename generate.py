@@ -14,8 +14,8 @@ With --audio: the hypothesis model (--whisper, default the embedded tiny.en) sam
 (200 samples, 15 kept), the feature model's encoder gives the audio features, and the adapter (default: the
 best checkpoint of the latest training run under out/) decodes greedily; the corrected transcript is the
 response up to its first newline (--decode greedy, the paper's), or by default the likeliest, under the adapter
-model, of that output and the n-best hypotheses (--decode likeliest, DECODES). Audio longer than 30 s is corrected in 30 s windows, joined. A file that
-cannot be read gets one `error:` line (an error record with --json) and the others still run; the exit status is
+model, of that output and the n-best hypotheses (--decode likeliest, DECODES). Audio longer than 30 s is corrected
+in 30 s windows, joined. A file that cannot be read gets one `error:` line (an error record with --json) and the others still run; the exit status is
 1 if any failed. With no trained adapter the Whisper 1-best is printed with a one-line notice: an untrained
 fusion (gate_W = 1) would only garble it.
 With --prompt and no --checkpoint-dir the embedded SmolLM2-135M-Instruct is used (converted on first use).
@@ -138,9 +138,9 @@ def generate(model, idx: torch.Tensor, max_new_tokens: int, temperature: float =
 
     Generation stops when a token in eos_id (one id or several, e.g. EOS and an end-of-turn token) is
     drawn; that token is not included. done(new ids so far) may stop it earlier, after the token that made it
-    true (correct() stops once the transcript's line is complete). audio (1, F, W), for a WhisperingLLaMA: the encoder features go to the
-    prefill forward only (the model caches their keys/values for the later steps), with audio_frames, the
-    frames that carry audio (used by adapters trained with trim_audio)."""
+    true (correct() stops once the transcript's line is complete). audio (1, F, W), for a WhisperingLLaMA: the
+    encoder features go to the prefill forward only (the model caches their keys/values for the later steps),
+    with audio_frames, the frames that carry audio (used by adapters trained with trim_audio)."""
     if idx.dim() != 1 or idx.numel() == 0:
         raise GenerateError("the prompt must be a non-empty 1-D tensor of token ids")
     T = idx.size(0)
