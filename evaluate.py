@@ -261,8 +261,7 @@ def cache_path(out: Path, adapter, ds: PreparedDataset, llm, whisper, max_new_to
 
     whisper_key = str(whisper) if whisper is None or isinstance(whisper, (str, Path)) else f"model {id(whisper)}"
     key = json.dumps([stamp(adapter), stamp(ds.root / ds.split / "index.jsonl"), str(llm), whisper_key,
-                      max_new_tokens, requested or {}] + ([] if dtype == "float32" else [dtype]),
-                     sort_keys=True, default=str)
+                      max_new_tokens, requested or {}, dtype], sort_keys=True, default=str)
     return out.parent / f".{out.stem}.partial" / (hashlib.sha1(key.encode()).hexdigest()[:16] + ".jsonl")
 
 

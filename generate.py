@@ -233,15 +233,15 @@ def find_latest_adapter(root=None) -> Optional[Path]:
         except (OSError, ValueError):  # a damaged file is nobody's default; naming it with --adapter reports it
             return None
 
-    def hears_noise(p):
-        return bool(((meta(p) or {}).get("config") or {}).get("random_audio"))
+    def hears_noise(m):
+        return bool(((m or {}).get("config") or {}).get("random_audio"))
 
-    by_age = lambda paths: sorted(paths, key=lambda p: p.stat().st_mtime)  # noqa: E731
-    best = [p for p in by_age(root.rglob("best.safetensors")) if not hears_noise(p)]
-    if best:
-        return best[-1]
-    files = [p for p in by_age(root.rglob("*.safetensors")) if meta(p) and not hears_noise(p)]
-    return files[-1] if files else None
+    def newest_first(paths):  # only as many headers are read as it takes to find one
+        return sorted(paths, key=lambda p: p.stat().st_mtime, reverse=True)
+
+    best = next((p for p in newest_first(root.rglob("best.safetensors")) if not hears_noise(meta(p))), None)
+    return best or next((p for p in newest_first(root.rglob("*.safetensors"))
+                         if (m := meta(p)) and not hears_noise(m)), None)
 
 
 def say(text: str) -> Path:
