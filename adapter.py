@@ -30,7 +30,8 @@ principal diagonal ([t, d] = 1 iff t == d), and the top-left [:Hw, :, :Dw] block
 `whisper_attention` computes the same function without building the (B, H, F, D) template: the padding
 heads in closed form, the Whisper heads with their identity tail through the fused attention kernel
 (tests/wl_reference.py builds the template literally, as the oracle). k̂ and v̂ depend only on the audio,
-so while decoding they are computed once per utterance and cached, as are the prefix keys/values.
+so while decoding they are computed at the first step and kept with the block's KV cache, as are the prefix
+keys/values (set_kv_cache starts that cache, clear_kv_cache ends it: nothing leaks into the next utterance).
 
 Two ways to split k̂ (B, F, W) into heads exist: `heads` (correct: (B, F, Hw, Dw), heads moved forward)
 and `paper` (the reference code's view of the contiguous buffer as (B, Hw, F, Dw), which mixes frames into
@@ -200,8 +201,6 @@ class AdapterAttention(CausalSelfAttention):
             self.adapter_q_dim = nn.Parameter(torch.empty(D, D))
             self.adapter_q_head = nn.Parameter(torch.empty(H, H))
             self.adapter_gate_whisper = nn.Parameter(torch.ones(1))
-        self.prefix_cache = None  # (k_p, v_p) while decoding
-        self.whisper_cache = None  # Whisper heads' keys/values while decoding: they depend only on the audio
         self.reset_adapter_parameters()
 
     def reset_adapter_parameters(self):
@@ -221,12 +220,9 @@ class AdapterAttention(CausalSelfAttention):
         # Identity: ones on the principal diagonal, for the rectangular down/up too (the paper's init).
         nn.init.eye_(self.adapter_q_dim)  # identity in the paper and in every ablation of the reference code
         nn.init.eye_(self.adapter_q_head)
-        down_up = [self.adapter_down_k.weight, self.adapter_up_k.weight]
-        if not c.shared_down_up:
-            down_up += [self.adapter_down_v.weight, self.adapter_up_v.weight]
-        for m in down_up:
-            # nn.Linear stores (out, in) and computes x Wᵀ; the diagonal is the same either way.
-            nn.init.eye_(m) if c.identity_init else nn.init.normal_(m)
+        for name, m in self.named_parameters():  # down/up of the keys (and of the values, for WL-L)
+            if name.startswith(("adapter_down_", "adapter_up_")):  # (out, in) or (in, out): the same diagonal
+                nn.init.eye_(m) if c.identity_init else nn.init.normal_(m)
 
     def prefix_kv(self):
         """Prefix keys/values from the block's frozen qkv applied to RMSNorm(P): (1, G, L, D) each.
@@ -238,18 +234,15 @@ class AdapterAttention(CausalSelfAttention):
         _, k_p, v_p = self.split_heads(self.qkv(p))
         return k_p, v_p  # no RoPE: the prefix has no position
 
-    def whisper_projections(self, audio: torch.Tensor, projected=None):
+    def whisper_projections(self, audio: torch.Tensor, projected: dict):
         """k = A Wk_j and v = A Wv_j + bv_j, (B, F, W) each: frozen, so they depend only on the audio and on j.
         Several LLaMA blocks copy the same Whisper block (30 SmolLM2 blocks over 4 tiny.en blocks): `projected`,
         a dict {j: (k, v)} that lives for one forward, lets them compute it once (exact: the copies are equal)."""
-        if projected is not None and self.whisper_block in projected:
-            return projected[self.whisper_block]
-        with torch.no_grad():  # frozen weights and features: nothing to differentiate, nothing to save
-            audio = audio.to(self.whisper_key.weight.dtype)
-            kv = self.whisper_key(audio), self.whisper_value(audio)
-        if projected is not None:
-            projected[self.whisper_block] = kv
-        return kv
+        if self.whisper_block not in projected:
+            with torch.no_grad():  # frozen weights and features: nothing to differentiate, nothing to save
+                audio = audio.to(self.whisper_key.weight.dtype)
+                projected[self.whisper_block] = self.whisper_key(audio), self.whisper_value(audio)
+        return projected[self.whisper_block]
 
     def whisper_kv(self, audio: torch.Tensor, projected=None):
         """Keys and values of the Whisper heads with their identity tail, (B, Hw, F, D) each, from audio
@@ -257,7 +250,7 @@ class AdapterAttention(CausalSelfAttention):
         c = self.config
         down_v = self.adapter_down_k if c.shared_down_up else self.adapter_down_v
         up_v = self.adapter_up_k if c.shared_down_up else self.adapter_up_v
-        k, v = self.whisper_projections(audio, projected)
+        k, v = self.whisper_projections(audio, {} if projected is None else projected)
         k = self.adapter_up_k(F.silu(self.adapter_down_k(self.adapter_norm_k(k))))
         v = up_v(F.silu(down_v(self.adapter_norm_v(v))))
         k, v, D = self.split_whisper_heads(k), self.split_whisper_heads(v), c.head_size
@@ -292,25 +285,19 @@ class AdapterAttention(CausalSelfAttention):
         return self.project(y)
 
     def cached_prefix_kv(self, decoding: bool):
-        """prefix_kv(), kept from the first decoding step on (it depends on no input)."""
-        if decoding and self.prefix_cache:
-            return self.prefix_cache
-        kv = self.prefix_kv()
-        if decoding:
-            self.prefix_cache = kv
-        return kv
+        if decoding and not hasattr(self.kv_cache, "prefix_kv"):
+            self.kv_cache.prefix_kv = self.prefix_kv()  # it depends on no input
+        return self.kv_cache.prefix_kv if decoding else self.prefix_kv()
 
     def cached_whisper_kv(self, audio, decoding: bool, projected=None):
-        """whisper_kv(audio); while decoding, computed at the first step (which must pass the audio) and kept."""
-        if audio is None:
-            if not decoding:
-                raise ValueError("this model fuses audio: pass audio features (B, F, W)")
-            if self.whisper_cache is None:
-                raise RuntimeError("pass audio features with the first decoding step")
-            return self.whisper_cache
+        if audio is None:  # a decoding step after the first
+            if not hasattr(self.kv_cache, "whisper_kv"):
+                raise ValueError("this model fuses audio: pass audio features (B, F, W) (when decoding: with "
+                                 "the first step)")
+            return self.kv_cache.whisper_kv
         kv = self.whisper_kv(audio, projected)
         if decoding:
-            self.whisper_cache = kv
+            self.kv_cache.whisper_kv = kv  # it depends only on the utterance
         return kv
 
 
@@ -344,18 +331,6 @@ class WhisperingLLaMA(LLaMA):
         # By index, not isinstance: FSDP replaces each block by a wrapper around it.
         return [b for i, b in enumerate(self.transformer.h) if i >= self.config.adapter_start_layer]
 
-    def set_kv_cache(self, *args, **kwargs):
-        super().set_kv_cache(*args, **kwargs)
-        self.clear_adapter_cache()
-
-    def clear_kv_cache(self):
-        super().clear_kv_cache()
-        self.clear_adapter_cache()
-
-    def clear_adapter_cache(self):
-        for block in self.adapter_blocks():
-            block.attn.prefix_cache = block.attn.whisper_cache = None
-
     def forward(self, idx, audio=None, input_pos=None, logits_mask=None, audio_frames=None):
         """idx (B, T), audio (B, F, W) encoder features → logits (as LLaMA.forward).
 
@@ -375,16 +350,14 @@ class WhisperingLLaMA(LLaMA):
         return self.head(x, logits_mask)
 
 
-# ------------------------------------------------------------------------------------------------------
-# Frozen Whisper projections and the trained state (assembly, files and loading: wl_checkpoint.py)
-# ------------------------------------------------------------------------------------------------------
+# Frozen Whisper projections and the trained state (assembly, files and loading: wl_checkpoint.py) ----------------
 
 @torch.no_grad()
 def copy_whisper_projections(model: WhisperingLLaMA, whisper) -> None:
     """Copy the cross-attention key/value projections of the mapped Whisper decoder blocks (frozen)."""
-    for i, block in enumerate(model.transformer.h):
-        if i < model.config.adapter_start_layer or not model.config.use_whisper:
-            continue
+    if not model.config.use_whisper:
+        return
+    for i, block in enumerate(model.adapter_blocks(), start=model.config.adapter_start_layer):
         attn = block.attn
         dtype = attn.adapter_q_dim.dtype  # the adapters' dtype (float32 after materialise_adapters)
         wk, wv, bv = (t.to(dtype) for t in cross_attention_kv(whisper, model.config.whisper_block(i)))  # copies
