@@ -115,20 +115,20 @@ def prefix_attention(q, k_p, v_p):
     return unmasked_attention(q, k_p, v_p, enable_gqa=k_p.shape[1] != H)
 
 
-def unmasked_attention(q, k, v, enable_gqa=False):
+def unmasked_attention(q, k, v, enable_gqa=False, scale=None):
     """scaled_dot_product_attention with no mask (the prefix, the audio frames). On a CPU the fused kernel runs
     slower in bf16 than in fp32 for these shapes (forward + backward: 2.7× at 1500 frames, 3× for the 10 prefix
     positions; bench/train_speed.py), so half-precision inputs (or bf16 autocast) are computed in fp32 there and
     the result cast back; on GPUs the call is unchanged."""
     half = q.dtype in (torch.bfloat16, torch.float16) or torch.is_autocast_enabled("cpu")
     if q.device.type != "cpu" or not half:
-        return F.scaled_dot_product_attention(q, k, v, enable_gqa=enable_gqa)
+        return F.scaled_dot_product_attention(q, k, v, enable_gqa=enable_gqa, scale=scale)
     with torch.autocast("cpu", enabled=False):
-        y = F.scaled_dot_product_attention(q.float(), k.float(), v.float(), enable_gqa=enable_gqa)
+        y = F.scaled_dot_product_attention(q.float(), k.float(), v.float(), enable_gqa=enable_gqa, scale=scale)
     return y.to(q.dtype)
 
 
-def whisper_attention(q: torch.Tensor, k_tail: torch.Tensor, v_tail: torch.Tensor) -> torch.Tensor:
+def whisper_attention(q: torch.Tensor, k_tail: torch.Tensor, v_tail: torch.Tensor, up=None) -> torch.Tensor:
     """softmax(q K_padᵀ / √D) V_pad for all H heads, building K_pad/V_pad only for the Hw Whisper heads.
     Literally (the paper's template; tests/wl_reference.py computes it so):
 
@@ -136,7 +136,8 @@ def whisper_attention(q: torch.Tensor, k_tail: torch.Tensor, v_tail: torch.Tenso
         y = softmax(q K_padᵀ / √D) V_pad
 
     q: (B, H, T, D), already transformed by Q_d and Q_h. k_tail, v_tail: (B, Hw, F, D) from `identity_tail`,
-    i.e. exactly the Whisper heads of K_pad/V_pad. Returns (B, H, T, D).
+    i.e. exactly the Whisper heads of K_pad/V_pad; or, with up = (U_k, U_v), their low-rank codes (see
+    `low_rank_heads`). Returns (B, H, T, D).
 
     The Whisper heads go through scaled_dot_product_attention, whose fused kernel never materialises the
     (T × F) score matrix. The H - Hw padding heads are never built: their key for frame f is the unit vector
@@ -144,7 +145,8 @@ def whisper_attention(q: torch.Tensor, k_tail: torch.Tensor, v_tail: torch.Tenso
     act together like one extra score of log(F - n)), and their output column d is the probability of frame d."""
     B, H, T, D = q.shape
     Hw, F_ = k_tail.shape[1:3]
-    y_real = unmasked_attention(q[:, :Hw], k_tail, v_tail)  # (B, Hw, T, D)
+    y_real = unmasked_attention(q[:, :Hw], k_tail, v_tail) if up is None else low_rank_heads(q[:, :Hw], k_tail,
+                                                                                             v_tail, *up)
     if H == Hw:
         return y_real
     n = min(F_, D)
@@ -155,12 +157,29 @@ def whisper_attention(q: torch.Tensor, k_tail: torch.Tensor, v_tail: torch.Tenso
     return torch.cat((y_real, F.pad(p, (0, D - n))), dim=1)
 
 
-def identity_tail(x: torch.Tensor, D: int) -> torch.Tensor:
+def low_rank_heads(q, codes_k, codes_v, up_k, up_v):
+    """The Whisper heads of whisper_attention when k̂ = s_k U_kᵀ and v̂ = s_v U_vᵀ leave a bottleneck narrower than
+    a head (R < Dw; WL-M on tiny.en: R = 24, Dw = 64). With U_h head h's Dw rows of U (W, R) and E the tail:
+
+        q K_pad,hᵀ = [q[:Dw] U_k,h | q[Dw:]] [s_k | E]ᵀ        P V_pad,h = [(P s_v) U_v,hᵀ | P E]
+
+    so each head attends over the codes [s | E] (B, Hw, F, R + D - Dw: one tensor expanded over the heads) with
+    a query mapped to them: the same function in R + D - Dw columns instead of D (2.7× fewer for tiny.en WL-M)."""
+    B, Hw, T, D = q.shape
+    W, R = up_k.shape
+    Uk, Uv = up_k.view(Hw, W // Hw, R), up_v.view(Hw, W // Hw, R)  # (Hw, Dw, R)
+    q_codes = torch.cat((q[..., :W // Hw] @ Uk.to(q.dtype), q[..., W // Hw:]), dim=-1)
+    y = unmasked_attention(q_codes, codes_k, codes_v, scale=1 / math.sqrt(D))  # D: the template's head size
+    return torch.cat((y[..., :R] @ Uv.transpose(1, 2).to(y.dtype), y[..., R:]), dim=-1)
+
+
+def identity_tail(x: torch.Tensor, D: int, Dw=None) -> torch.Tensor:
     """(B, Hw, F, Dw) → (B, Hw, F, D): columns [Dw, D) hold the template's identity (frame f has its 1 in
-    column f). Only the Whisper heads' part of the padding; the padding heads are handled in closed form."""
-    B, Hw, F_, Dw = x.shape
-    eye = torch.eye(F_, D, dtype=x.dtype, device=x.device)[:, Dw:]
-    return torch.cat((x, eye.expand(B, Hw, F_, D - Dw)), dim=-1)
+    column f). Only the Whisper heads' part of the padding; the padding heads are handled in closed form.
+    For low-rank codes (B, Hw, F, R) the same D - Dw columns follow the R."""
+    B, Hw, F_, X = x.shape
+    eye = torch.eye(F_, D, dtype=x.dtype, device=x.device)[:, Dw or X:]
+    return torch.cat((x, eye.expand(B, Hw, F_, eye.shape[1])), dim=-1)
 
 
 def random_template(x: torch.Tensor, H: int, D: int) -> torch.Tensor:
@@ -201,6 +220,9 @@ class AdapterAttention(CausalSelfAttention):
             self.adapter_q_dim = nn.Parameter(torch.empty(D, D))
             self.adapter_q_head = nn.Parameter(torch.empty(H, H))
             self.adapter_gate_whisper = nn.Parameter(torch.ones(1))
+            # k̂, v̂ have rank R = W/r: below a head's Dw (tiny.en WL-M) attending over the R-wide codes is cheaper
+            # (low_rank_heads). The `paper` layout and the random template mix frames into heads: they need K_pad.
+            self.low_rank = config.kv_layout == "heads" and config.identity_init and W // r < config.whisper_head_size
         self.reset_adapter_parameters()
 
     def reset_adapter_parameters(self):
@@ -246,17 +268,22 @@ class AdapterAttention(CausalSelfAttention):
 
     def whisper_kv(self, audio: torch.Tensor, projected=None):
         """Keys and values of the Whisper heads with their identity tail, (B, Hw, F, D) each, from audio
-        features (B, F, W)."""
-        c = self.config
+        features (B, F, W); with self.low_rank, their codes [s | E] (B, Hw, F, R + D - Dw) (see low_rank_heads)."""
+        c, D = self.config, self.config.head_size
         down_v = self.adapter_down_k if c.shared_down_up else self.adapter_down_v
-        up_v = self.adapter_up_k if c.shared_down_up else self.adapter_up_v
         k, v = self.whisper_projections(audio, {} if projected is None else projected)
-        k = self.adapter_up_k(F.silu(self.adapter_down_k(self.adapter_norm_k(k))))
-        v = up_v(F.silu(down_v(self.adapter_norm_v(v))))
-        k, v, D = self.split_whisper_heads(k), self.split_whisper_heads(v), c.head_size
+        s_k = F.silu(self.adapter_down_k(self.adapter_norm_k(k)))  # (B, F, R): k̂ = up(s_k)
+        s_v = F.silu(down_v(self.adapter_norm_v(v)))
+        if self.low_rank:
+            return tuple(identity_tail(s[:, None], D, c.whisper_head_size).expand(-1, c.whisper_heads, -1, -1)
+                         for s in (s_k, s_v))
+        k, v = self.split_whisper_heads(self.adapter_up_k(s_k)), self.split_whisper_heads(self.up_v()(s_v))
         if not c.identity_init:  # the no-special-initialisation ablation: a random template, all H heads
             return random_template(k, c.n_head, D), random_template(v, c.n_head, D)
         return identity_tail(k, D), identity_tail(v, D)
+
+    def up_v(self) -> nn.Linear:
+        return self.adapter_up_k if self.config.shared_down_up else self.adapter_up_v  # WL-L: the values' own
 
     def split_whisper_heads(self, x: torch.Tensor) -> torch.Tensor:
         """(B, F, W) → (B, Hw, F, Dw)."""
@@ -280,7 +307,8 @@ class AdapterAttention(CausalSelfAttention):
         y = y + (self.adapter_gate_prefix * prefix_attention(q, k_p, v_p)).to(y.dtype)
         if self.config.use_whisper:
             k_w, v_w = self.cached_whisper_kv(audio, decoding, projected)
-            y_w = whisper_attention(self.transform_query(q), k_w, v_w)
+            up = (self.adapter_up_k.weight, self.up_v().weight) if self.low_rank else None
+            y_w = whisper_attention(self.transform_query(q), k_w, v_w, up)
             y = y + (self.adapter_gate_whisper * y_w).to(y.dtype)
         return self.project(y)
 

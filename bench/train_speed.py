@@ -10,9 +10,11 @@ audio features of a 30 s window (1500 frames; with trimming only the frames of a
 Configurations (each in its own process, so that its peak RSS is its own):
     baseline   fp32, every adapter block projects the audio with its own Whisper k/v copy (the code before
                the projections were shared), the paper's 1500 frames
-    fp32       fp32, one projection per distinct Whisper block (exact)
-    bf16       frozen weights in bf16 under bf16 autocast, adapters fp32, the frame attention in fp32
-               (train.py --precision bf16)
+               and the Whisper heads' keys/values built in full, (B, Hw, F, D) (before adapter.low_rank_heads)
+    fp32       fp32, one projection per distinct Whisper block (exact), low-rank Whisper heads (exact)
+    bf16-padded  frozen weights in bf16 under bf16 autocast, adapters fp32, the frame attention in fp32, the
+               Whisper heads' keys/values built in full (the bf16 path before adapter.low_rank_heads)
+    bf16       the same with low-rank Whisper heads (train.py --precision bf16)
     bf16-trim  bf16 and only the frames that carry the clip (train.py --precision bf16 --trim-audio)
 
 Printed: tokens/s, the speed-up over the baseline, achieved FLOP/s (FLOPs counted by torch's FlopCounterMode
@@ -41,7 +43,7 @@ import wl_checkpoint  # noqa: E402
 from prepare_data import IGNORE_INDEX  # noqa: E402
 from whisper_model import FRAMES_PER_SECOND, N_AUDIO_FRAMES  # noqa: E402
 
-CONFIGS = ("baseline", "fp32", "bf16", "bf16-trim")
+CONFIGS = ("baseline", "fp32", "bf16-padded", "bf16", "bf16-trim")
 
 
 def matmul_peak(dtype, n=2048, repeats=5) -> float:
@@ -65,6 +67,9 @@ def build(name, whisper):
     """(model, autocast dtype or None) for a configuration."""
     torch.manual_seed(0)
     model = wl_checkpoint.build_model(convert_checkpoint.ensure_llm(None), whisper, trim_audio=name.endswith("trim")).float()
+    if name in ("baseline", "bf16-padded"):  # K_pad/V_pad's Whisper heads in full, as before low_rank_heads
+        for block in model.adapter_blocks():
+            block.attn.low_rank = False
     if name.startswith("bf16"):
         with torch.no_grad():  # as train.py --precision bf16
             for p in model.parameters():

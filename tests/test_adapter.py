@@ -56,6 +56,27 @@ def test_fast_whisper_attention_equals_padded_template(H, Hw, D, Dw, F):
         torch.testing.assert_close(a, b, atol=1e-10, rtol=1e-10)
 
 
+@pytest.mark.parametrize("H,Hw,D,Dw,R,F", [
+    (4, 2, 16, 8, 3, 40), (4, 4, 16, 16, 5, 40), (4, 2, 16, 8, 2, 12), (4, 2, 16, 8, 1, 5), (3, 3, 8, 4, 2, 6),
+])
+def test_low_rank_heads_equal_the_padded_template_of_the_up_projection(H, Hw, D, Dw, R, F):
+    """k̂ = s_k U_kᵀ (and v̂) built in full and put in the template, against the attention over the codes [s | E]."""
+    torch.manual_seed(0)
+    B, T = 2, 5
+    q = torch.randn(B, H, T, D, dtype=torch.float64, requires_grad=True)
+    s_k, s_v = (torch.randn(B, F, R, dtype=torch.float64, requires_grad=True) for _ in range(2))
+    U_k, U_v = (torch.randn(Hw * Dw, R, dtype=torch.float64, requires_grad=True) for _ in range(2))
+    heads = lambda x: x.view(B, F, Hw, Dw).transpose(1, 2)  # noqa: E731  (the `heads` layout)
+    slow = softmax_attention(q, padded_template(heads(s_k @ U_k.T), H, D), padded_template(heads(s_v @ U_v.T), H, D))
+    codes_k, codes_v = (A.identity_tail(s[:, None], D, Dw).expand(-1, Hw, -1, -1) for s in (s_k, s_v))
+    fast = A.whisper_attention(q, codes_k, codes_v, up=(U_k, U_v))
+    torch.testing.assert_close(fast, slow, atol=1e-10, rtol=1e-10)
+    g = torch.randn_like(fast)
+    for a, b in zip(torch.autograd.grad(fast, (q, s_k, s_v, U_k, U_v), g),
+                    torch.autograd.grad(slow, (q, s_k, s_v, U_k, U_v), g)):
+        torch.testing.assert_close(a, b, atol=1e-10, rtol=1e-10)
+
+
 def test_paper_layout_mixes_frames_into_heads():
     """`paper` reinterprets the contiguous (B, F, W) buffer; `heads` splits the width. They differ."""
     model = make_model("H>Hw,D>Dw,gqa", layout="paper")
@@ -68,10 +89,13 @@ def test_paper_layout_mixes_frames_into_heads():
     assert torch.equal(heads[0, 1, 0], x[0, 0, 8:]) and torch.equal(heads[0, 0, 1], x[0, 1, :8])
 
 
-@pytest.mark.parametrize("layout", ["heads", "paper"])
+@pytest.mark.parametrize("layout", ["heads", "heads, K_pad in full", "paper"])
 @pytest.mark.parametrize("shape", list(SHAPES))
 def test_training_forward_and_grads_match_literal(shape, layout):
-    model = make_model(shape, layout)
+    model = make_model(shape, layout.split(",")[0])
+    for block in model.adapter_blocks():  # R = W/16 < Dw in every shape: `heads` attends over the low-rank codes
+        assert block.attn.low_rank == layout.startswith("heads")
+        block.attn.low_rank &= layout == "heads"
     W = model.config.whisper_width
     idx = torch.randint(0, 97, (2, 7))
     audio = torch.randn(2, 20, W, dtype=torch.float64)
@@ -89,7 +113,7 @@ def test_training_forward_and_grads_match_literal(shape, layout):
 
 @pytest.mark.parametrize("layout", ["heads", "paper"])
 @pytest.mark.parametrize("shape", ["H>Hw,D>Dw,gqa", "H=Hw,D=Dw,mha"])
-def test_cached_decoding_matches_literal(shape, layout):
+def test_cached_decoding_matches_literal(shape, layout):  # `heads`: low-rank codes cached, `paper`: K_pad
     """Prefill, then one token at a time with audio given only at the first step (k̂/v̂ cached)."""
     model = make_model(shape, layout).eval()
     idx = torch.randint(0, 97, (2, 9))
