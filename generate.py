@@ -1,5 +1,5 @@
 """Correct a speech transcript with Whispering-LLaMA, or generate text with the plain LLM; and the command line
-of Whisper alone (`whisper_main`, which `python whisper_model.py` runs: greedy, beam search or the n-best).
+of Whisper alone (`whisper_main`, which `python whisper_model.py` runs: greedy or the n-best).
 
     python generate.py --audio x.wav                      # Whisper n-best + audio features → corrected transcript
     python generate.py --audio x.wav --verbose            # ... also the n-best list and the Whisper 1-best
@@ -718,15 +718,14 @@ def check_args(parser, args):
 
 
 def whisper_main(argv=None):
-    """`python whisper_model.py`: transcribe one file with Whisper alone (greedy, beam search or the n-best)."""
+    """`python whisper_model.py`: transcribe one file with Whisper alone (greedy or the n-best)."""
     parser = argparse.ArgumentParser(
         description="Transcribe an audio file with Whisper (greedy by default). Audio longer than 30 s is "
-                    "decoded in consecutive 30 s windows (greedy/beam only).")
+                    "decoded in consecutive 30 s windows (greedy only).")
     parser.add_argument("--audio", required=True, help="audio file (wav, flac, ogg, mp3 where supported)")
     parser.add_argument("--model", default="tiny.en",
                         help="model name (checkpoints/whisper-<name>/) or checkpoint folder; default tiny.en, "
                              "converted from the embedded weights on first use")
-    parser.add_argument("--beam", type=int, default=0, help="beam search with this beam size (0: greedy)")
     parser.add_argument("--nbest", type=int, default=0,
                         help="print the ranked n-best list of this many sampled hypotheses (paper default 15)")
     parser.add_argument("--samples", type=int, default=200, help="samples drawn for --nbest")
@@ -736,8 +735,8 @@ def whisper_main(argv=None):
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--device", default="cpu")
     args = parser.parse_args(argv)
-    if args.beam < 0 or args.nbest < 0 or args.samples < 1:
-        parser.error("--beam and --nbest must be >= 0 and --samples >= 1")
+    if args.nbest < 0 or args.samples < 1:
+        parser.error("--nbest must be >= 0 and --samples >= 1")
     try:
         text = transcribe_whisper(args)
         if text or not args.nbest:  # an empty n-best prints nothing, an empty transcript an empty line
@@ -751,7 +750,7 @@ def whisper_main(argv=None):
 
 
 def transcribe_whisper(args) -> str:
-    """whisper_main's work: the greedy or beam transcript of every 30 s window, joined, or the ranked n-best."""
+    """whisper_main's work: the greedy transcript of every 30 s window, joined, or the ranked n-best."""
     audio = wm.load_audio(args.audio)
     model, tokenizer = convert_checkpoint.load_whisper(args.model, device=args.device)
     pieces = wm.windows(audio)
@@ -764,8 +763,6 @@ def transcribe_whisper(args) -> str:
         nbest = wm.sample_nbest(model, tokenizer, features, args.samples, args.nbest, tuple(args.temperature),
                                 seed=args.seed, top_k=args.top_k)
         return "\n".join(f"{i:3d}  {lp:9.3f}  {text}" for i, (text, lp) in enumerate(nbest, 1))
-    if args.beam:
-        return " ".join(wm.decode_beam(model, tokenizer, features, args.beam)).strip()
     return " ".join(wm.decode_greedy(model, tokenizer, features)).strip()
 
 
