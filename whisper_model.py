@@ -16,11 +16,10 @@ Radhakrishnan et al., "Whispering LLaMA" (EMNLP 2023, arXiv 2310.06434) for the 
 
 Module and parameter names follow openai-whisper's state dict (encoder.blocks.0.attn.query, ...), so its
 .pt checkpoints load with no renaming; convert_checkpoint.py turns every other format into this one, and
-its `load_whisper` turns a model name into a loaded model. The command line lives in generate.py
-(`whisper_main`), which runs when this file is run as a script:
+its `load_whisper` turns a model name into a loaded model. The command line is transcribe.py:
 
-    python whisper_model.py --audio x.wav              # greedy transcript
-    python whisper_model.py --audio x.wav --nbest 15   # ranked n-best list with total log-probabilities
+    python transcribe.py --audio x.wav              # greedy transcript
+    python transcribe.py --audio x.wav --nbest 15   # ranked n-best list with total log-probabilities
 """
 import functools
 import json
@@ -712,8 +711,3 @@ def sample_nbest(model: Whisper, tokenizer, audio_features, n_samples: int = 200
                               retry_increments)
     return [(text, lp) for text, lp, _ in drawn["samples"][:keep]]
 
-
-if __name__ == "__main__":  # the command line needs the checkpoint converter, so it lives in generate.py
-    import generate
-
-    generate.whisper_main()

@@ -1,4 +1,4 @@
-"""Tests for whisper_model.py and the Whisper converters in convert_checkpoint.py.
+"""Tests for whisper_model.py, its command line transcribe.py, and the Whisper converters in convert_checkpoint.py.
 
 Oracles: literal numpy formulas written here (mel filters, DFT log-mel), physics of a sine (resampling),
 the uncached decoder (KV cache), CTranslate2's own spec writer and runtime (CT2 converter, greedy transcripts),
@@ -20,8 +20,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import convert_checkpoint  # noqa: E402
-import generate  # noqa: E402
 import demo_corpus  # noqa: E402
+import transcribe  # noqa: E402
 import whisper_model as wm  # noqa: E402
 from convert_checkpoint import ConversionError  # noqa: E402
 from whisper_model import AudioError, ModelDimensions, Whisper  # noqa: E402
@@ -837,7 +837,7 @@ def test_cli_bad_audio_is_one_line_error(tmp_path):
     import subprocess
 
     (tmp_path / "x.wav").write_text("not audio")
-    r = subprocess.run([sys.executable, str(Path(wm.__file__)), "--audio", str(tmp_path / "x.wav")],
+    r = subprocess.run([sys.executable, str(Path(transcribe.__file__)), "--audio", str(tmp_path / "x.wav")],
                        capture_output=True, text=True)
     assert r.returncode == 1
     assert r.stderr.startswith("error: ") and r.stderr.count("\n") == 1 and "Traceback" not in r.stderr
@@ -853,7 +853,7 @@ CLI_DIMS = ModelDimensions(**{**asdict(SMALL), "n_mels": 80, "n_audio_ctx": 1500
 
 @pytest.fixture
 def cli_model(monkeypatch):
-    """The Whisper command line (generate.whisper_main, run by `python whisper_model.py`) with a random
+    """The Whisper command line (transcribe.main, run by `python transcribe.py`) with a random
     full-context model and the toy tokenizer in place of a checkpoint."""
     model, tok, loaded = random_model(CLI_DIMS), ToyTokenizer(), []
     monkeypatch.setattr(convert_checkpoint, "load_whisper",
@@ -889,7 +889,7 @@ def test_cli_decodes_long_audio_window_by_window(tmp_path, cli_model, capsys, mo
         return [f"window{i}" for i in range(len(features))]
 
     monkeypatch.setattr(wm, "decode_greedy", stub)
-    generate.whisper_main(["--audio", str(wav), "--model", "some-model"])
+    transcribe.main(["--audio", str(wav), "--model", "some-model"])
     assert capsys.readouterr().out == "window0 window1 window2\n" and loaded == ["some-model"]
     (m, t, features), = calls
     assert m is model and t is tok
@@ -904,7 +904,7 @@ def test_cli_nbest_prints_the_ranked_list_and_refuses_long_audio(tmp_path, cli_m
     (features,) = features_of_windows(model, wav, [(0, 16000 * 12)])
     calls, real = [], wm.sample_nbest
     monkeypatch.setattr(wm, "sample_nbest", lambda *a, **k: (calls.append((a, k)), real(*a, **k))[1])
-    generate.whisper_main(["--audio", str(wav), "--nbest", "4", "--samples", "20", "--temperature", "0.9", "1.0", "--seed", "5"])
+    transcribe.main(["--audio", str(wav), "--nbest", "4", "--samples", "20", "--temperature", "0.9", "1.0", "--seed", "5"])
     lines = capsys.readouterr().out.splitlines()
     ((_, _, f, n_samples, keep, temperature), kwargs), = calls
     assert (n_samples, keep, temperature, kwargs["seed"]) == (20, 4, (0.9, 1.0), 5)
@@ -914,6 +914,6 @@ def test_cli_nbest_prints_the_ranked_list_and_refuses_long_audio(tmp_path, cli_m
     assert lines == [f"{i:3d}  {lp:9.3f}  {text}" for i, (text, lp) in enumerate(expected, 1)]
 
     with pytest.raises(SystemExit) as e:
-        generate.whisper_main(["--audio", str(write_clip(tmp_path / "long.wav", 31)), "--nbest", "4"])
+        transcribe.main(["--audio", str(write_clip(tmp_path / "long.wav", 31)), "--nbest", "4"])
     err = capsys.readouterr().err
     assert e.value.code == 1 and err.startswith("error: ") and err.count("\n") == 1 and "at most 30 s" in err
