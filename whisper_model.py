@@ -34,7 +34,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from storage import ProjectError, check_state, empty_init, read_safetensors
+from storage import ProjectError, check_exact_state, empty_init, read_safetensors
 
 # ----------------------------------------------------------------------------------------------------
 # Audio front end: pure functions
@@ -489,21 +489,9 @@ class Whisper(nn.Module):
         with empty_init():
             model = cls(dims)
         state = read_safetensors(d / "model.safetensors")  # one-line error for a damaged file
-        check_state_dict(model, state, where=str(d / "model.safetensors"))
+        check_exact_state(model, state, where=str(d / "model.safetensors"))
         model.load_state_dict(state, assign=True)
         return model.to(device=device, dtype=dtype).eval()
-
-
-def check_state_dict(model: nn.Module, state: dict, where: str = "checkpoint"):
-    """Raise a one-line ValueError unless `state` has exactly the model's tensors with the model's shapes."""
-    missing, extra, wrong = check_state({k: v.shape for k, v in model.state_dict().items()}, state)
-    if missing:
-        raise ValueError(f"{where} lacks {len(missing)} tensors (first: {missing[0]!r}): does it match its config?")
-    if extra:
-        raise ValueError(f"{where} has {len(extra)} unexpected tensors (first: {extra[0]!r}): does it match its config?")
-    if wrong:
-        k, got, want = wrong[0]
-        raise ValueError(f"{where}: tensor {k!r} has shape {got}, the config says {want}")
 
 
 def cross_attention_kv(model: Whisper, j: int):
