@@ -35,9 +35,10 @@ from safetensors.torch import save_file
 
 import tokenizer
 from model import Config, LLaMA, configs, rope_frequencies
-from storage import ConversionError, check_state, describe_file, empty_init, first_line, read_safetensors
+from storage import ConversionError, check_exact_state, check_state, describe_file, empty_init, first_line, \
+    read_safetensors
 from tokenizer import WhisperTokenizer
-from whisper_model import ModelDimensions, Whisper, check_state_dict, sinusoids
+from whisper_model import ModelDimensions, Whisper, sinusoids
 
 CHECKPOINTS = Path(__file__).resolve().parent / "checkpoints"
 
@@ -706,7 +707,7 @@ def _whisper_dims_and_check(state: dict, dims: dict, source):
         d = ModelDimensions(**dims)
         with empty_init():
             model = Whisper(d)
-        check_state_dict(model, state, where=str(source))
+        check_exact_state(model, state, where=str(source))
     except (TypeError, ValueError, AssertionError) as e:
         raise ConversionError(first_line(e) if str(e).strip() else f"{source}: dimensions {dims} are invalid") from None
     return d

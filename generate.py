@@ -1,5 +1,4 @@
-"""Correct a speech transcript with Whispering-LLaMA, or generate text with the plain LLM; and the command line
-of Whisper alone (`whisper_main`, which `python whisper_model.py` runs: greedy, beam search or the n-best).
+"""Correct a speech transcript with Whispering-LLaMA, or generate text with the plain LLM.
 
     python generate.py --audio x.wav                      # Whisper n-best + audio features → corrected transcript
     python generate.py --audio x.wav --verbose            # ... also the n-best list and the Whisper 1-best
@@ -715,58 +714,6 @@ def check_args(parser, args):
     if args.explain and (len(args.audio) > 1 or Path(args.audio[0]).is_dir()):
         parser.error("--explain writes one figure: for several files use --explain-dir")
     return args
-
-
-def whisper_main(argv=None):
-    """`python whisper_model.py`: transcribe one file with Whisper alone (greedy, beam search or the n-best)."""
-    parser = argparse.ArgumentParser(
-        description="Transcribe an audio file with Whisper (greedy by default). Audio longer than 30 s is "
-                    "decoded in consecutive 30 s windows (greedy/beam only).")
-    parser.add_argument("--audio", required=True, help="audio file (wav, flac, ogg, mp3 where supported)")
-    parser.add_argument("--model", default="tiny.en",
-                        help="model name (checkpoints/whisper-<name>/) or checkpoint folder; default tiny.en, "
-                             "converted from the embedded weights on first use")
-    parser.add_argument("--beam", type=int, default=0, help="beam search with this beam size (0: greedy)")
-    parser.add_argument("--nbest", type=int, default=0,
-                        help="print the ranked n-best list of this many sampled hypotheses (paper default 15)")
-    parser.add_argument("--samples", type=int, default=200, help="samples drawn for --nbest")
-    parser.add_argument("--temperature", type=float, nargs=2, default=(0.7, 0.8), metavar=("LO", "HI"),
-                        help="sampling temperature range for --nbest")
-    parser.add_argument("--top-k", type=int, default=None, help="top-k filtering when sampling")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--device", default="cpu")
-    args = parser.parse_args(argv)
-    if args.beam < 0 or args.nbest < 0 or args.samples < 1:
-        parser.error("--beam and --nbest must be >= 0 and --samples >= 1")
-    try:
-        text = transcribe_whisper(args)
-        if text or not args.nbest:  # an empty n-best prints nothing, an empty transcript an empty line
-            print(text)
-    except (ProjectError, OSError, ValueError) as e:
-        print(f"error: {first_line(e)}", file=sys.stderr)
-        sys.exit(1)
-    except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
-        sys.exit(130)
-
-
-def transcribe_whisper(args) -> str:
-    """whisper_main's work: the greedy or beam transcript of every 30 s window, joined, or the ranked n-best."""
-    audio = wm.load_audio(args.audio)
-    model, tokenizer = convert_checkpoint.load_whisper(args.model, device=args.device)
-    pieces = wm.windows(audio)
-    if args.nbest and len(pieces) > 1:
-        raise wm.AudioError(f"{args.audio}: --nbest takes a clip of at most {wm.CHUNK_LENGTH} s")
-    mel = torch.stack([wm.log_mel_spectrogram(w, model.dims.n_mels, device=args.device) for w in pieces])
-    with torch.no_grad():
-        features = model.embed_audio(mel)
-    if args.nbest:
-        nbest = wm.sample_nbest(model, tokenizer, features, args.samples, args.nbest, tuple(args.temperature),
-                                seed=args.seed, top_k=args.top_k)
-        return "\n".join(f"{i:3d}  {lp:9.3f}  {text}" for i, (text, lp) in enumerate(nbest, 1))
-    if args.beam:
-        return " ".join(wm.decode_beam(model, tokenizer, features, args.beam)).strip()
-    return " ".join(wm.decode_greedy(model, tokenizer, features)).strip()
 
 
 if __name__ == "__main__":

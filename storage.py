@@ -2,8 +2,10 @@
 
 - `read_safetensors` / `describe_file`: a file that is not what was expected fails in one line that says
   what it holds ("a safetensors file cut short (3996 of 4104 bytes)"), not in a library's traceback;
-- `check_state` / `load_weights`: the one name-and-shape check behind every loader (LLM, Whisper, adapter,
-  converted checkpoints); each caller words the mismatch for its own reader;
+- `check_state`: the one name-and-shape check behind every loader (LLM, Whisper, adapter, converted
+  checkpoints); each caller words the mismatch for its own reader. `load_weights` does so for a file that may
+  leave parameters to the caller (the adapter's), `check_exact_state` for one that must hold exactly the
+  model's tensors (Whisper's);
 - `empty_init`: build a model whose values will come from a file, with no memory and no random draws;
 - `write_atomic`: a file is either the old one or the whole new one, never half written;
 - `ProjectError` / `first_line`: every error a user can cause derives from ProjectError (`ConversionError` and
@@ -160,6 +162,19 @@ def shapes(module: nn.Module, params_only: bool = False) -> dict:
     """{name: shape} of a module's parameters (and buffers unless params_only); free on the meta device."""
     items = module.named_parameters() if params_only else module.state_dict(keep_vars=True).items()
     return {n: tuple(t.shape) for n, t in items}
+
+
+def check_exact_state(model: nn.Module, state: dict, where: str = "checkpoint"):
+    """Raise a one-line ValueError unless `state` has exactly the model's tensors with the model's shapes: for
+    a model whose file holds all of it (Whisper), where `load_weights` lets the caller initialise the rest."""
+    missing, extra, wrong = check_state(shapes(model), state)
+    if missing:
+        raise ValueError(f"{where} lacks {len(missing)} tensors (first: {missing[0]!r}): does it match its config?")
+    if extra:
+        raise ValueError(f"{where} has {len(extra)} unexpected tensors (first: {extra[0]!r}): does it match its config?")
+    if wrong:
+        k, got, want = wrong[0]
+        raise ValueError(f"{where}: tensor {k!r} has shape {got}, the config says {want}")
 
 
 def load_weights(model: nn.Module, state: dict, where=None) -> list:

@@ -7,21 +7,19 @@
         cross-attention to the audio (its keys/values computed once per utterance), MLP ─► ln ─► x @ Eᵀ
 
 Decoding is composed from small pieces, as in openai-whisper's decoding.py: `Inference` owns the KV cache,
-logit filters suppress blank/non-speech tokens, and three strategies sit on top: greedy (`decode_greedy`),
-beam search (`decode_beam`) and the sampled n-best list of Whispering-LLaMA (`sample_nbest`: 200 samples
-at a temperature drawn from [0.7, 0.8], deduplicated, the 15 most likely kept).
+logit filters suppress blank/non-speech tokens, and two strategies sit on top: greedy (`decode_greedy`) and
+the sampled n-best list of Whispering-LLaMA (`sample_nbest`: 200 samples at a temperature drawn from
+[0.7, 0.8], deduplicated, the 15 most likely kept).
 
 References: Radford et al., "Robust Speech Recognition via Large-Scale Weak Supervision" (arXiv 2212.04356);
 Radhakrishnan et al., "Whispering LLaMA" (EMNLP 2023, arXiv 2310.06434) for the n-best recipe.
 
 Module and parameter names follow openai-whisper's state dict (encoder.blocks.0.attn.query, ...), so its
 .pt checkpoints load with no renaming; convert_checkpoint.py turns every other format into this one, and
-its `load_whisper` turns a model name into a loaded model. The command line lives in generate.py
-(`whisper_main`), which runs when this file is run as a script:
+its `load_whisper` turns a model name into a loaded model. The command line is transcribe.py:
 
-    python whisper_model.py --audio x.wav              # greedy transcript
-    python whisper_model.py --audio x.wav --beam 5     # beam search
-    python whisper_model.py --audio x.wav --nbest 15   # ranked n-best list with total log-probabilities
+    python transcribe.py --audio x.wav              # greedy transcript
+    python transcribe.py --audio x.wav --nbest 15   # ranked n-best list with total log-probabilities
 """
 import functools
 import json
@@ -36,7 +34,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from storage import ProjectError, check_state, empty_init, read_safetensors
+from storage import ProjectError, check_exact_state, empty_init, read_safetensors
 
 # ----------------------------------------------------------------------------------------------------
 # Audio front end: pure functions
@@ -409,7 +407,8 @@ class DecoderCache:
         self.offset = 0  # tokens already fed
 
     def select(self, rows):
-        """Keep (and reorder) decoder rows; rows must stay clip-major (beam search reorders within a clip)."""
+        """Keep (and duplicate) decoder rows; rows must stay clip-major (a prefix whose samples split into
+        several continuations is copied in place, next to its clip's other rows)."""
         rows = torch.as_tensor(rows, dtype=torch.long)
         if len(rows) == len(self.clip_of_row) and bool((rows.cpu() == torch.arange(len(rows))).all()):
             return  # every row stays where it is: nothing to copy
@@ -490,21 +489,9 @@ class Whisper(nn.Module):
         with empty_init():
             model = cls(dims)
         state = read_safetensors(d / "model.safetensors")  # one-line error for a damaged file
-        check_state_dict(model, state, where=str(d / "model.safetensors"))
+        check_exact_state(model, state, where=str(d / "model.safetensors"))
         model.load_state_dict(state, assign=True)
         return model.to(device=device, dtype=dtype).eval()
-
-
-def check_state_dict(model: nn.Module, state: dict, where: str = "checkpoint"):
-    """Raise a one-line ValueError unless `state` has exactly the model's tensors with the model's shapes."""
-    missing, extra, wrong = check_state({k: v.shape for k, v in model.state_dict().items()}, state)
-    if missing:
-        raise ValueError(f"{where} lacks {len(missing)} tensors (first: {missing[0]!r}): does it match its config?")
-    if extra:
-        raise ValueError(f"{where} has {len(extra)} unexpected tensors (first: {extra[0]!r}): does it match its config?")
-    if wrong:
-        k, got, want = wrong[0]
-        raise ValueError(f"{where}: tensor {k!r} has shape {got}, the config says {want}")
 
 
 def cross_attention_kv(model: Whisper, j: int):
@@ -537,7 +524,7 @@ class Inference:
         return self.model.decoder(tokens[:, self.cache.offset:], cache=self.cache)[:, -1]
 
     def select(self, rows):
-        """Keep/reorder rows (beam search reordering, or dropping finished samples)."""
+        """Keep/duplicate rows: a prefix whose samples split is copied, finished samples are dropped."""
         self.cache.select(rows)
 
 
@@ -669,68 +656,6 @@ def decode_greedy(model: Whisper, tokenizer, audio_features) -> list:
     return [text_of(tokenizer, t) for t, _ in sample_tokens(model, tokenizer, audio_features)]
 
 
-@torch.no_grad()
-def decode_beam(model: Whisper, tokenizer, audio_features, beam_size: int = 5,
-                length_penalty: Optional[float] = None) -> list:
-    """Beam search, as openai-whisper's BeamSearchDecoder with patience 1: the beam keeps the `beam_size`
-    prefixes with the highest total log-probability; finished candidates are collected until each clip has
-    `beam_size` of them. Final ranking: openai-whisper's default (length_penalty None) divides the total
-    log-probability by the length; a float uses the GNMT penalty ((5 + len) / 6) ** length_penalty (0 gives
-    the plain sum). Returns one string per clip."""
-    prompt = list(tokenizer.sot_sequence_including_notimestamps)
-    sample_begin = len(prompt)
-    A = audio_features.shape[0]
-    inference = Inference(model, audio_features, beam_size)
-    filters = logit_filters(tokenizer, sample_begin)
-    tokens = torch.tensor([prompt], device=audio_features.device).repeat(A * beam_size, 1)
-    sum_logprobs = [0.0] * (A * beam_size)
-    finished = [dict() for _ in range(A)]  # per clip: sampled tokens (tuple) -> total log-prob
-    max_steps = min(_sample_len(model), model.dims.n_text_ctx - sample_begin)
-    for step in range(max_steps):
-        logits = inference.logits(tokens)
-        for f in filters:
-            f.apply(logits, tokens)
-        logprobs = F.log_softmax(logits, dim=-1).cpu()
-        top_lp, top_tok = logprobs.topk(beam_size + 1, dim=-1)
-        prefixes = tokens.tolist()
-        rows, next_tokens, next_sums = [], [], []
-        for a in range(A):
-            scores, source = {}, {}
-            for r in range(a * beam_size, (a + 1) * beam_size):
-                for lp, t in zip(top_lp[r].tolist(), top_tok[r].tolist()):
-                    seq = tuple(prefixes[r] + [t])
-                    scores[seq], source[seq] = sum_logprobs[r] + lp, r  # identical prefixes collapse here
-            kept = 0
-            for seq in sorted(scores, key=scores.get, reverse=True):
-                if seq[-1] == tokenizer.eot:
-                    if len(finished[a]) < beam_size:
-                        finished[a][seq[sample_begin:-1]] = scores[seq]
-                else:
-                    rows.append(source[seq])
-                    next_tokens.append(seq[-1])
-                    next_sums.append(scores[seq])
-                    kept += 1
-                    if kept == beam_size:
-                        break
-        if all(len(f) >= beam_size for f in finished):
-            break
-        inference.select(rows)
-        tokens = torch.cat([tokens[torch.tensor(rows, device=tokens.device)],
-                            torch.tensor(next_tokens, device=tokens.device)[:, None]], dim=1)
-        sum_logprobs = next_sums
-    # clips that did not finish enough candidates rank their live beams too
-    for a in range(A):
-        if len(finished[a]) < beam_size:
-            for r in range(a * beam_size, (a + 1) * beam_size):
-                finished[a].setdefault(tuple(tokens[r, sample_begin:].tolist()), sum_logprobs[r])
-
-    def score(seq, lp):
-        n = max(len(seq), 1)
-        return lp / (n if length_penalty is None else ((5 + n) / 6) ** length_penalty)
-
-    return [text_of(tokenizer, max(f.items(), key=lambda kv: score(*kv))[0]) for f in finished]
-
-
 def sample_candidates(model: Whisper, tokenizer, audio_features, n_samples: int = 200, temperature=(0.7, 0.8),
                       min_unique: int = 10, seed: int = 0, top_k: Optional[int] = None,
                       retry_increments=(0.1, 0.2)) -> dict:
@@ -774,8 +699,3 @@ def sample_nbest(model: Whisper, tokenizer, audio_features, n_samples: int = 200
                               retry_increments)
     return [(text, lp) for text, lp, _ in drawn["samples"][:keep]]
 
-
-if __name__ == "__main__":  # the command line needs the checkpoint converter, so it lives in generate.py
-    import generate
-
-    generate.whisper_main()

