@@ -29,7 +29,8 @@ The paper pads them into LLaMA's shape with a template: every head is the F×D m
 principal diagonal ([t, d] = 1 iff t == d), and the top-left [:Hw, :, :Dw] block holds k̂ (or v̂).
 `whisper_attention` computes the same function without building the (B, H, F, D) template: the padding
 heads in closed form, the Whisper heads with their identity tail through the fused attention kernel
-(tests/wl_reference.py builds the template literally, as the oracle). k̂ and v̂ depend only on the audio,
+(tests/wl_reference.py builds the template literally, as the oracle); where the bottleneck is narrower than a
+Whisper head, the heads attend over its low-rank codes instead (`low_rank_heads`). k̂ and v̂ depend only on the audio,
 so while decoding they are computed at the first step and kept with the block's KV cache, as are the prefix
 keys/values (set_kv_cache starts that cache, clear_kv_cache ends it: nothing leaks into the next utterance).
 
@@ -48,7 +49,6 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from model import Block, CausalSelfAttention, Config, LLaMA, RMSNorm, upcast
-from whisper_model import cross_attention_kv
 
 VARIANTS = {  # name → (rank r: the bottleneck is W // r wide, one down/up pair shared by keys and values)
     "L": (8, False),   # WL-L: separate down/up for keys and values, 26.40M trainable on 7B + large-v2
@@ -303,30 +303,25 @@ class AdapterAttention(CausalSelfAttention):
         audio (B, F, W): Whisper encoder features (while decoding only with the first step: then cached)."""
         q, y = self.attend(x, cos, sin, mask, input_pos)  # q with RoPE, y before the output projection
         decoding = input_pos is not None
-        k_p, v_p = self.cached_prefix_kv(decoding)
+        k_p, v_p = self.kept(decoding, "prefix_kv", self.prefix_kv)  # they depend on no input
         y = y + (self.adapter_gate_prefix * prefix_attention(q, k_p, v_p)).to(y.dtype)
         if self.config.use_whisper:
-            k_w, v_w = self.cached_whisper_kv(audio, decoding, projected)
+            if audio is None and not (decoding and hasattr(self.kv_cache, "whisper_kv")):
+                raise ValueError("this model fuses audio: pass audio features (B, F, W) (decoding: at the first step)")
+            k_w, v_w = self.kept(decoding, "whisper_kv", lambda: self.whisper_kv(audio, projected))  # per utterance
             up = (self.adapter_up_k.weight, self.up_v().weight) if self.low_rank else None
             y_w = whisper_attention(self.transform_query(q), k_w, v_w, up)
             y = y + (self.adapter_gate_whisper * y_w).to(y.dtype)
         return self.project(y)
 
-    def cached_prefix_kv(self, decoding: bool):
-        if decoding and not hasattr(self.kv_cache, "prefix_kv"):
-            self.kv_cache.prefix_kv = self.prefix_kv()  # it depends on no input
-        return self.kv_cache.prefix_kv if decoding else self.prefix_kv()
-
-    def cached_whisper_kv(self, audio, decoding: bool, projected=None):
-        if audio is None:  # a decoding step after the first
-            if not hasattr(self.kv_cache, "whisper_kv"):
-                raise ValueError("this model fuses audio: pass audio features (B, F, W) (when decoding: with "
-                                 "the first step)")
-            return self.kv_cache.whisper_kv
-        kv = self.whisper_kv(audio, projected)
-        if decoding:
-            self.kv_cache.whisper_kv = kv  # it depends only on the utterance
-        return kv
+    def kept(self, decoding: bool, name: str, compute):
+        """compute(); while decoding, computed at the first step and kept with the block's KV cache (set_kv_cache
+        starts that cache, clear_kv_cache ends it: nothing of one utterance is left for the next)."""
+        if not decoding:
+            return compute()
+        if not hasattr(self.kv_cache, name):
+            setattr(self.kv_cache, name, compute())
+        return getattr(self.kv_cache, name)
 
 
 class AdapterBlock(Block):
@@ -378,31 +373,6 @@ class WhisperingLLaMA(LLaMA):
         return self.head(x, logits_mask)
 
 
-# Frozen Whisper projections and the trained state (assembly, files and loading: wl_checkpoint.py) ----------------
-
-@torch.no_grad()
-def copy_whisper_projections(model: WhisperingLLaMA, whisper) -> None:
-    """Copy the cross-attention key/value projections of the mapped Whisper decoder blocks (frozen)."""
-    if not model.config.use_whisper:
-        return
-    for i, block in enumerate(model.adapter_blocks(), start=model.config.adapter_start_layer):
-        attn = block.attn
-        dtype = attn.adapter_q_dim.dtype  # the adapters' dtype (float32 after materialise_adapters)
-        wk, wv, bv = (t.to(dtype) for t in cross_attention_kv(whisper, model.config.whisper_block(i)))  # copies
-        attn.whisper_key.weight = nn.Parameter(wk, requires_grad=False)
-        attn.whisper_value.weight = nn.Parameter(wv, requires_grad=False)
-        attn.whisper_value.bias = nn.Parameter(bv, requires_grad=False)
-
-
 def is_adapter_param(name: str) -> bool:
+    """The trained tensors: every name that starts with `adapter_` (assembly, files, loading: wl_checkpoint.py)."""
     return ".adapter_" in name or name.startswith("adapter_")
-
-
-def mark_only_adapter_as_trainable(model: nn.Module) -> None:
-    for name, p in model.named_parameters():
-        p.requires_grad = is_adapter_param(name)
-
-
-def adapter_state_dict(model: nn.Module) -> dict:
-    """Only the trained tensors: a few MB, independent of the LLM's size."""
-    return {name: p.detach() for name, p in model.named_parameters() if is_adapter_param(name)}

@@ -171,7 +171,8 @@ def check_exact_state(model: nn.Module, state: dict, where: str = "checkpoint"):
     if missing:
         raise ValueError(f"{where} lacks {len(missing)} tensors (first: {missing[0]!r}): does it match its config?")
     if extra:
-        raise ValueError(f"{where} has {len(extra)} unexpected tensors (first: {extra[0]!r}): does it match its config?")
+        raise ValueError(f"{where} has {len(extra)} unexpected tensors (first: {extra[0]!r}): does it match its "
+                         "config?")
     if wrong:
         k, got, want = wrong[0]
         raise ValueError(f"{where}: tensor {k!r} has shape {got}, the config says {want}")

@@ -383,7 +383,8 @@ class SelfAttentionCache:
             new_k = k.new_empty(k.shape[0], k.shape[1], capacity, k.shape[3])
             new_v = torch.empty_like(new_k)
             if self.k is not None:
-                new_k[:, :, :self.length], new_v[:, :, :self.length] = self.k[:, :, :self.length], self.v[:, :, :self.length]
+                n = self.length
+                new_k[:, :, :n], new_v[:, :, :n] = self.k[:, :, :n], self.v[:, :, :n]
             self.k, self.v = new_k, new_v
         self.k[:, :, self.length:self.length + T] = k
         self.v[:, :, self.length:self.length + T] = v
@@ -492,18 +493,6 @@ class Whisper(nn.Module):
         check_exact_state(model, state, where=str(d / "model.safetensors"))
         model.load_state_dict(state, assign=True)
         return model.to(device=device, dtype=dtype).eval()
-
-
-def cross_attention_kv(model: Whisper, j: int):
-    """Decoder block j's cross-attention key/value projections as detached copies, nn.Linear (out, in)
-    convention: (Wk (W, W), Wv (W, W), bv (W,)); k = A @ Wkᵀ (no bias), v = A @ Wvᵀ + bv.
-    The Whispering-LLaMA adapter initialises its frozen audio projections from them."""
-    n = len(model.decoder.blocks)
-    if not 0 <= j < n:
-        raise IndexError(f"decoder block {j} does not exist (the model has {n})")
-    attn = model.decoder.blocks[j].cross_attn
-    return (attn.key.weight.detach().clone(), attn.value.weight.detach().clone(),
-            attn.value.bias.detach().clone())
 
 
 # ----------------------------------------------------------------------------------------------------

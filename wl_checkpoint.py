@@ -4,7 +4,8 @@
     Whisper model ────────┼─► build_model: built on the meta device, the LLM's weights assigned (not copied),
     adapter file ─────────┘   the adapters initialised (or loaded), Whisper's k/v projections copied
 
-The adapter file is a .safetensors of the trained tensors (adapter.adapter_state_dict) whose metadata
+Only the adapters are trained (mark_only_adapter_as_trainable; Whisper's projections are frozen copies).
+The adapter file is a .safetensors of the trained tensors (adapter_state_dict) whose metadata
 records what rebuilds the model: the adapter settings (ADAPTER_FIELDS of adapter.WLConfig) and the LLM and
 Whisper checkpoints it was trained on. The reference research code's .pth adapters load too, renamed by
 REFERENCE_NAMES. External LLM and Whisper formats are convert_checkpoint.py's; the mechanism is adapter.py's.
@@ -17,12 +18,12 @@ import torch.nn as nn
 from safetensors import safe_open
 from safetensors.torch import save as safetensors_bytes
 
-from adapter import (VARIANTS, WhisperingLLaMA, WLConfig, adapter_state_dict, copy_whisper_projections,
-                     is_adapter_param, mark_only_adapter_as_trainable)
+from adapter import VARIANTS, WhisperingLLaMA, WLConfig, is_adapter_param
 from convert_checkpoint import load_torch_file
 from model import Config
 from storage import (ConversionError, check_state, describe_file, empty_init, load_weights, read_json_config,
                      read_safetensors, write_atomic)
+from whisper_model import Whisper
 
 # ------------------------------------------------------------------------------------------------------
 # Assembly
@@ -74,6 +75,42 @@ def materialise_adapters(model: WhisperingLLaMA, device="cpu"):
                 if p.is_meta:
                     setattr(module, name, nn.Parameter(torch.empty(p.shape, device=device, dtype=torch.float32)))
     model._init_weights(model)  # the adapters' initialisation, exactly as at construction
+
+
+def mark_only_adapter_as_trainable(model: nn.Module) -> None:
+    for name, p in model.named_parameters():
+        p.requires_grad = is_adapter_param(name)
+
+
+def adapter_state_dict(model: nn.Module) -> dict:
+    """Only the trained tensors: a few MB, independent of the LLM's size."""
+    return {name: p.detach() for name, p in model.named_parameters() if is_adapter_param(name)}
+
+
+@torch.no_grad()
+def copy_whisper_projections(model: WhisperingLLaMA, whisper) -> None:
+    """Copy the cross-attention key/value projections of the mapped Whisper decoder blocks (frozen)."""
+    if not model.config.use_whisper:
+        return
+    for i, block in enumerate(model.adapter_blocks(), start=model.config.adapter_start_layer):
+        attn = block.attn
+        dtype = attn.adapter_q_dim.dtype  # the adapters' dtype (float32 after materialise_adapters)
+        wk, wv, bv = (t.to(dtype) for t in cross_attention_kv(whisper, model.config.whisper_block(i)))  # copies
+        attn.whisper_key.weight = nn.Parameter(wk, requires_grad=False)
+        attn.whisper_value.weight = nn.Parameter(wv, requires_grad=False)
+        attn.whisper_value.bias = nn.Parameter(bv, requires_grad=False)
+
+
+def cross_attention_kv(model: Whisper, j: int):
+    """Decoder block j's cross-attention key/value projections as detached copies, nn.Linear (out, in)
+    convention: (Wk (W, W), Wv (W, W), bv (W,)); k = A @ Wkᵀ (no bias), v = A @ Wvᵀ + bv.
+    The Whispering-LLaMA adapter initialises its frozen audio projections from them."""
+    n = len(model.decoder.blocks)
+    if not 0 <= j < n:
+        raise IndexError(f"decoder block {j} does not exist (the model has {n})")
+    attn = model.decoder.blocks[j].cross_attn
+    return (attn.key.weight.detach().clone(), attn.value.weight.detach().clone(),
+            attn.value.bias.detach().clone())
 
 
 

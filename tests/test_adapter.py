@@ -31,7 +31,7 @@ def make_model(shape, layout="heads", variant="M", seed=0, **overrides):
         for name, p in model.named_parameters():
             if "adapter_" in name or "whisper_" in name:
                 p.add_(0.3 * torch.randn_like(p))
-    A.mark_only_adapter_as_trainable(model)
+    wl_checkpoint.mark_only_adapter_as_trainable(model)
     return model
 
 
@@ -237,7 +237,7 @@ def test_trainable_counts_llama7b_whisper_large_v2(variant, use_whisper, prompt_
                       variant=variant, use_whisper=use_whisper, adapter_prompt_length=prompt_length)
     with torch.device("meta"):
         model = A.WhisperingLLaMA(cfg)
-    A.mark_only_adapter_as_trainable(model)
+    wl_checkpoint.mark_only_adapter_as_trainable(model)
     assert sum(p.numel() for p in model.parameters() if p.requires_grad) == expected
     if use_whisper:  # the frozen Whisper projections are there too, but not trained
         assert not model.transformer.h[2].attn.whisper_key.weight.requires_grad
@@ -342,7 +342,7 @@ def test_blocks_that_copy_the_same_whisper_block_project_the_audio_once():
             b.attn.whisper_key.weight.copy_(wk)
             b.attn.whisper_value.weight.copy_(wv)
             b.attn.whisper_value.bias.copy_(bv)
-    A.mark_only_adapter_as_trainable(model)
+    wl_checkpoint.mark_only_adapter_as_trainable(model)
     calls = []
     for b in model.adapter_blocks():
         b.attn.whisper_key.register_forward_hook(lambda *a: calls.append(1))

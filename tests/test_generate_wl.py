@@ -174,8 +174,8 @@ def test_adapter_file_roundtrip_rebuilds_the_same_model(tiny, tokenizer, tmp_pat
     meta = wl_checkpoint.read_adapter_meta(path)
     assert meta["config"]["adapter_start_layer"] == 1 and meta["config"]["variant"] == "M"
     loaded, tok = G.load_wl(path, whisper=whisper)
-    for k, v in A.adapter_state_dict(model).items():
-        assert torch.equal(A.adapter_state_dict(loaded)[k], v)
+    for k, v in wl_checkpoint.adapter_state_dict(model).items():
+        assert torch.equal(wl_checkpoint.adapter_state_dict(loaded)[k], v)
     idx = torch.randint(0, 1000, (1, 9))
     audio = torch.randn(1, 40, 32)
     with torch.no_grad():
@@ -372,7 +372,7 @@ def test_flags_fill_what_a_file_leaves_open_and_never_contradict_it(tiny, tmp_pa
     from safetensors.torch import save_file
 
     bare = tmp_path / "bare.safetensors"
-    save_file({k: v.contiguous() for k, v in A.adapter_state_dict(model).items()}, str(bare))
+    save_file({k: v.contiguous() for k, v in wl_checkpoint.adapter_state_dict(model).items()}, str(bare))
     loaded, _ = G.load_wl(bare, llm=llm_dir, whisper=whisper, kv_layout="paper", hypotheses="reference")
     assert (loaded.config.kv_layout, loaded.config.variant, loaded.hypothesis_form) == ("paper", "S", "reference")
     assert G.load_wl(bare, llm=llm_dir, whisper=whisper)[0].config.kv_layout == "heads"

@@ -484,7 +484,7 @@ def test_clear_errors(tiny, tmp_path, capsys):
     s_model = tiny_model(tiny, variant="S")
     from safetensors.torch import save_file
 
-    save_file({k: v.contiguous() for k, v in A.adapter_state_dict(s_model).items()}, str(tmp_path / "s.safetensors"))
+    save_file({k: v.contiguous() for k, v in wl_checkpoint.adapter_state_dict(s_model).items()}, str(tmp_path / "s.safetensors"))
     msg = error_of(args(tiny, tmp_path / "c", "--variant", "L", "--adapter", str(tmp_path / "s.safetensors")))
     assert "does not match" in msg
     assert "nothing to resume" in error_of(args(tiny, tmp_path / "d", "--resume"))

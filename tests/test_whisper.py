@@ -271,20 +271,6 @@ def test_shared_audio_rows_and_row_selection_match_uncached():
         torch.testing.assert_close(again, full[keep][[1, 1, 2], 4], atol=1e-5, rtol=1e-5)
 
 
-def test_cross_attention_kv_returns_copies_of_block_weights():
-    model = random_model()
-    Wk, Wv, bv = wm.cross_attention_kv(model, 1)
-    attn = model.decoder.blocks[1].cross_attn
-    assert Wk.shape == Wv.shape == (SMALL.n_text_state, SMALL.n_text_state) and bv.shape == (SMALL.n_text_state,)
-    a = torch.randn(1, 5, SMALL.n_audio_state)
-    torch.testing.assert_close(a @ Wk.T, attn.key(a))
-    torch.testing.assert_close(a @ Wv.T + bv, attn.value(a))
-    Wk.zero_()
-    assert attn.key.weight.abs().sum() > 0 and not Wk.requires_grad
-    with pytest.raises(IndexError):
-        wm.cross_attention_kv(model, SMALL.n_text_layer)
-
-
 # ----------------------------------------------------------------------------------------------------
 # Converters
 # ----------------------------------------------------------------------------------------------------

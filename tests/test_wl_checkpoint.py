@@ -5,17 +5,18 @@ import torch
 import adapter as A
 import wl_checkpoint
 from test_adapter import make_model
+from test_whisper import SMALL, random_model
 from wl_reference import literal_forward, reference_pth_state
 
 
 def test_adapter_state_roundtrip(tmp_path):
     model = make_model("H>Hw,D>Dw,gqa", layout="paper").float()
-    state = A.adapter_state_dict(model)
+    state = wl_checkpoint.adapter_state_dict(model)
     assert state and all("adapter_" in k for k in state)
     assert not any("whisper_key" in k or "qkv" in k for k in state)
     fresh = make_model("H>Hw,D>Dw,gqa", layout="paper", seed=1).float()
     wl_checkpoint.load_adapter_state(fresh, state)
-    for k, v in A.adapter_state_dict(fresh).items():
+    for k, v in wl_checkpoint.adapter_state_dict(fresh).items():
         assert torch.equal(v, state[k])
     with pytest.raises(ValueError, match="does not match"):
         wl_checkpoint.load_adapter_state(make_model("H>Hw,D>Dw,gqa", variant="L"), state)
@@ -49,3 +50,17 @@ def test_reference_pth_gives_the_logits_of_the_same_adapter_from_safetensors(tmp
         expected = literal_forward(model, idx, audio)
     torch.testing.assert_close(logits["reference.pth"], logits["ours.safetensors"], atol=0, rtol=0)
     torch.testing.assert_close(logits["reference.pth"], expected, atol=1e-9, rtol=1e-7)
+
+
+def test_cross_attention_kv_returns_copies_of_block_weights():
+    model = random_model()
+    Wk, Wv, bv = wl_checkpoint.cross_attention_kv(model, 1)
+    attn = model.decoder.blocks[1].cross_attn
+    assert Wk.shape == Wv.shape == (SMALL.n_text_state, SMALL.n_text_state) and bv.shape == (SMALL.n_text_state,)
+    a = torch.randn(1, 5, SMALL.n_audio_state)
+    torch.testing.assert_close(a @ Wk.T, attn.key(a))
+    torch.testing.assert_close(a @ Wv.T + bv, attn.value(a))
+    Wk.zero_()
+    assert attn.key.weight.abs().sum() > 0 and not Wk.requires_grad
+    with pytest.raises(IndexError):
+        wl_checkpoint.cross_attention_kv(model, SMALL.n_text_layer)
