@@ -19,14 +19,14 @@ shows it for one utterance, with three panels:
 "Output token j" means the query that *produced* token j: the position before it (the prompt's last token for the
 first word), so every row shows what the model looked at when it chose that word.
 
-How: the normal, fast decoding runs first (generate.correct's own steps, untouched). Then ONE extra teacher-forced
-pass over prompt + response recomputes every layer from the literal formulas of DESIGN.md §2, using only the model's
-parameters and config (the padded (H, F, D) template is built here, on purpose), and keeps the probabilities at the
-output rows. Nothing of this runs unless asked. The pass is checked against the model: at every output row it picks
-the same next token as the model's own forward over the same tokens (`matches_model` in the JSON; for a bf16
-model, whose forward rounds where this float32 pass does not, a near-tie may differ), and tests/test_explain.py
-asserts that every layer's output equals the real module's and that the AiW probabilities equal
-tests/wl_reference.py's literal template.
+How: generate.py decodes as usual (generate.decode_correction: correct()'s own steps, untouched) and hands the
+response to `explain`. ONE extra teacher-forced pass over prompt + response then recomputes every layer from the
+literal formulas of DESIGN.md §2, using only the model's parameters and config (the padded (H, F, D) template is built
+here, on purpose), and keeps the probabilities at the output rows. Nothing of this runs unless asked. The pass is
+checked against the model: at every output row it picks the same next token as the model's own forward over the same
+tokens (`matches_model` in the JSON; for a bf16 model, whose forward rounds where this float32 pass does not, a
+near-tie may differ), and tests/test_explain.py asserts that every layer's output equals the real module's and that
+the AiW probabilities equal tests/wl_reference.py's literal template.
 
 Three things a reader of the listening panel should know:
   - kv_layout "paper" (the reference code's head split) reinterprets the (F, W) buffer as (Hw, F, Dw): key row f of
@@ -46,10 +46,16 @@ import torch
 import torch.nn.functional as F
 
 from model import apply_rope, build_rope_cache
-from storage import write_atomic
+from prepare_data import PROMPT_TEMPLATE, build_prompt, encode_prompt
+from storage import ProjectError, write_atomic
 from whisper_model import FRAMES_PER_SECOND
 
 FRAME_SECONDS = 1 / FRAMES_PER_SECOND  # one Whisper encoder frame (20 ms): the stride-2 conv over 10 ms mel frames
+
+
+class ExplainError(ProjectError):
+    """A request explain cannot follow: an --explain-layer that is no adapter layer, a listening adapter without
+    its audio features."""
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -192,12 +198,10 @@ def literal_pass(model, ids, audio=None, audio_frames=None, rows=None, keep_hidd
 
 def prompt_segments(tokenizer, hypotheses, prompt_ids) -> list:
     """[(name, start, end)] token spans of the prompt as generate.correct builds it: "BOS" (position 0, where many
-    heads put the attention they do not need elsewhere), "instruction" (the Alpaca header up to "### Input:"), "hyp 1" ... "hyp n" (each line with its newline), "response cue" (the blank
-    line and "### Response:"). A boundary is the length of the token ids of the prompt text up to it, encoded
-    the same way (BOS, ordinary text), which must be a prefix of the whole prompt's ids; were a token ever to
-    straddle a boundary it is counted in the later part."""
-    from prepare_data import PROMPT_TEMPLATE, build_prompt
-
+    heads put the attention they do not need elsewhere), "instruction" (the Alpaca header up to "### Input:"),
+    "hyp 1" ... "hyp n" (each line with its newline), "response cue" (the blank line and "### Response:"). A boundary
+    is the length of the token ids of the prompt text up to it, encoded the same way (BOS, ordinary text), which must
+    be a prefix of the whole prompt's ids; were a token ever to straddle a boundary it is counted in the later part."""
     prompt = build_prompt(hypotheses)
     head = PROMPT_TEMPLATE[: PROMPT_TEMPLATE.index("{input}")]
     assert prompt.startswith(head)
@@ -239,43 +243,31 @@ def listening(p_audio, layout):
 
 
 # ----------------------------------------------------------------------------------------------------
-# One utterance: generate as usual, then the explicit pass, then the numbers that the figure draws
+# One utterance's correction: the explicit pass over it, then the numbers that the figure draws
 # ----------------------------------------------------------------------------------------------------
 
-def explain(model, tokenizer, hypotheses, audio_features=None, audio_frames=None, max_new_tokens=150,
-            layer=None, decode="greedy") -> dict:
-    """Correct one utterance (exactly as generate.correct does) and explain the correction.
+def explain(model, tokenizer, hypotheses, correction, audio_features=None, audio_frames=None, layer=None) -> dict:
+    """Explain one correction: `correction` is a generate.Correction (text, greedy_text, decode, token_ids,
+    ended_with_eos) that generate.decode_correction made from these hypotheses and audio features; its tokens are
+    read by the model one by one, EOS after them where decoding stopped on it (when --decode likeliest picked an
+    n-best hypothesis, that hypothesis is the response read, as the greedy output would be).
 
-    audio_features (F, W); audio_frames: frames that carry the clip (ceil(seconds · 50)). layer: draw one adapter
-    layer (its index in the LLM) instead of the average over the adapter layers. decode: as generate.correct's;
-    when "likeliest" picks an n-best hypothesis over the greedy output, that hypothesis is what is explained
-    (read by the model token by token, as the greedy output would be). Returns a dict of plain numbers
-    (lists), the content of the JSON file; `draw` makes the figure from it."""
-    import generate as G
-    from prepare_data import encode_prompt
-
+    audio_features (F, W) or (1, F, W); audio_frames: frames that carry the clip (ceil(seconds · 50)). layer: draw
+    one adapter layer (its index in the LLM) instead of the average over the adapter layers. Returns a dict of plain
+    numbers (lists), the content of the JSON file; `draw` makes the figure from it."""
     c = model.config
     device = next(model.parameters()).device
     prompt_ids = encode_prompt(tokenizer, hypotheses).to(device)
     audio = None
     if c.use_whisper:
         if audio_features is None:
-            raise G.GenerateError("this adapter listens: pass the audio features")
+            raise ExplainError("this adapter listens: pass the audio features")
         audio = (audio_features[0] if audio_features.dim() == 3 else audio_features).to(device)
-    # 1. The normal, fast path (generate.correct's own steps): nothing below changes it.
     P = len(prompt_ids)
-    new = G.greedy_response(model, tokenizer, prompt_ids, None if audio is None else audio[None], max_new_tokens,
-                            audio_frames)
-    greedy_text = text = G.response_text(tokenizer.decode(new))
-    done = G.first_line_done(tokenizer)  # why decoding stopped: EOS, the line's end, or the length limit
-    stopped = len(new) < max_new_tokens and P + len(new) < c.block_size and not (len(new) and done(new.tolist()))
-    if decode == "likeliest":
-        text = G.likeliest(model, tokenizer, hypotheses, audio, greedy_text, audio_frames)
-        if text != greedy_text:  # a hypothesis won: explain it, as the response the model read
-            new, stopped = tokenizer.encode(text, bos=False, eos=False, special=False).to(device), True
-    out_tokens = new.tolist() + ([tokenizer.eos_id] if stopped else [])
+    new = correction.token_ids.to(device)
+    out_tokens = new.tolist() + ([tokenizer.eos_id] if correction.ended_with_eos else [])
     rows = torch.arange(P - 1, P - 1 + len(out_tokens))  # the query that produced each output token
-    # 2. The explicit pass over prompt + response, and the model's own forward over the same tokens to check it.
+    # The explicit pass over prompt + response, and the model's own forward over the same tokens to check it.
     ids = torch.cat([prompt_ids, new])
     cap = literal_pass(model, ids, audio, audio_frames, rows)
     with torch.inference_mode():
@@ -283,7 +275,7 @@ def explain(model, tokenizer, hypotheses, audio_features=None, audio_frames=None
     matches = cap["logits"][rows].argmax(-1).tolist() == own[rows].argmax(-1).tolist()
     layers = cap["layers"]
     if layer is not None and layer not in layers:
-        raise G.GenerateError(f"--explain-layer {layer}: not an adapter layer (those are {layers[0]}..{layers[-1]})")
+        raise ExplainError(f"--explain-layer {layer}: not an adapter layer (those are {layers[0]}..{layers[-1]})")
     pick = [layers.index(layer)] if layer is not None else list(range(len(layers)))
 
     segments = prompt_segments(tokenizer, hypotheses, prompt_ids)
@@ -291,8 +283,9 @@ def explain(model, tokenizer, hypotheses, audio_features=None, audio_frames=None
     norms = torch.stack(cap["norms"])  # (layers, R, 3)
     shares = (norms / norms.sum(-1, keepdim=True).clamp_min(1e-30)).mean(1)  # (layers, 3)
     result = dict(
-        text=text, greedy_text=greedy_text, decode=decode, hypotheses=list(hypotheses),
-        tokens=[tokenizer.decode([t]) for t in out_tokens], token_ids=out_tokens, ended_with_eos=stopped,
+        text=correction.text, greedy_text=correction.greedy_text, decode=correction.decode,
+        hypotheses=list(hypotheses), tokens=[tokenizer.decode([t]) for t in out_tokens], token_ids=out_tokens,
+        ended_with_eos=correction.ended_with_eos,
         matches_model=matches,
         layers=layers, layer=layer, kv_layout=c.kv_layout if c.use_whisper else None,
         reading=dict(parts=[s[0] for s in segments] + ["earlier output"],
@@ -442,37 +435,3 @@ def rounded(x, digits=6):
     if isinstance(x, list):
         return [rounded(v, digits) for v in x]
     return x
-
-
-# ----------------------------------------------------------------------------------------------------
-# generate.py's --explain: one audio file, after its normal correction
-# ----------------------------------------------------------------------------------------------------
-
-def explain_file(path, result: dict, wl, tokenizer, feat_model, png, max_new_tokens=150, layer=None,
-                 decode="greedy") -> list:
-    """Explain the correction generate.py made of one file (`result`, its record): the n-best lists are reused,
-    the audio features recomputed (the encoder is deterministic), each 30 s window explained. Writes png (the first
-    window; later windows as <stem>-window<k>.png) and the JSON beside each. Returns the PNG paths."""
-    import whisper_model as wm
-    from generate import GenerateError, windows
-
-    audio = wm.load_audio(path)
-    written = []
-    for w, (piece, nbest) in enumerate(zip(windows(audio), result["nbest"])):
-        hyps = [h["text"] for h in nbest]
-        if not hyps:
-            continue  # silence: generate.py kept the 1-best, there is no correction to look inside
-        mel = wm.log_mel_spectrogram(piece, feat_model.dims.n_mels)
-        with torch.inference_mode():
-            feats = feat_model.embed_audio(mel[None])[0]
-        frames = wm.encoder_frames(len(piece))
-        expl = explain(wl, tokenizer, hyps, feats, frames, max_new_tokens, layer, decode)
-        expl.update(file=str(path), window=w, window_start_seconds=wm.CHUNK_LENGTH * w,
-                    clip_seconds=len(piece) / wm.SAMPLE_RATE)
-        out = Path(png) if w == 0 else Path(png).with_name(f"{Path(png).stem}-window{w + 1}{Path(png).suffix}")
-        try:
-            write(expl, out, mel.numpy(), title=f"{Path(path).name}: {expl['text']}")
-        except OSError as e:
-            raise GenerateError(f"cannot write {out}: {e.strerror or e}") from None
-        written.append(out)
-    return written
