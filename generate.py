@@ -34,6 +34,7 @@ from pathlib import Path
 from typing import Callable, Iterable, Optional, Union
 
 import torch
+from tqdm import tqdm
 
 import convert_checkpoint
 import explain
@@ -560,27 +561,12 @@ def load_audio_models(args):
 def run_audio(args) -> int:
     """--audio: Whisper n-best → Whispering-LLaMA correction, for every file. A file that fails gets a one-line
     error (and an error record with --json / --out) and the others still run. Returns how many failed."""
-    from tqdm import tqdm
-
     items = audio_inputs(args.audio)
     if args.explain and len(items) > 1:  # e.g. a manifest
         raise GenerateError(f"--explain writes one figure and {args.audio[0]} holds {len(items)} files: "
                             "use --explain-dir")
-    out = args.out
-    done = {r["file"] for r in read_results(out)} if out is not None else set()
-    todo = [i for i in items if isinstance(i, tuple) or str(i) not in done]
-    if done and len(todo) < len(items):
-        print(f"{out}: resuming, {len(items) - len(todo)} of {len(items)} files already done", file=sys.stderr)
-    sink = open(out, "a", encoding="utf-8") if out is not None else None
-
-    def fail(name, problem):
-        tqdm.write(f"error: {name}: {problem}", file=sys.stderr)
-        record = {"file": str(name), "error": problem}
-        if args.json:
-            write_line(sys.stdout, record)
-        if sink is not None:
-            write_line(sink, record)
-
+    todo = not_done(items, args.out)
+    sink = open(args.out, "a", encoding="utf-8") if args.out is not None else None
     try:
         wl = tokenizer = hyp_model = hyp_tok = feat_model = None
         if any(not isinstance(i, tuple) for i in todo):  # models only when there is audio to read
@@ -590,7 +576,7 @@ def run_audio(args) -> int:
         n_failed = 0
         for item in tqdm(todo, desc="correcting", unit="file", disable=len(todo) < 2):
             if isinstance(item, tuple):  # a folder without audio, a manifest that cannot be read
-                fail(*item)
+                report_failure(*item, args, sink)
                 n_failed += 1
                 continue
             path = item
@@ -601,23 +587,49 @@ def run_audio(args) -> int:
                     explain_file(path, r, wl, tokenizer, feat_model, png, args.max_new_tokens, args.explain_layer,
                                  args.decode)
             except (wm.AudioError, GenerateError, explain.ExplainError) as e:  # this file only: report, go on
-                fail(path, str(e).removeprefix(f"{path}: "))
+                report_failure(path, str(e).removeprefix(f"{path}: "), args, sink)
                 n_failed += 1
                 continue
             if sink is not None:
                 write_line(sink, r)
-            text = r["corrected"] if r["corrected"] is not None else r["one_best"]
-            if args.json:
-                write_line(sys.stdout, r)
-            elif args.verbose:
-                lines = [f"== {path}"] + [f"  {h['logprob']:9.3f}  {h['text']}" for w in r["nbest"] for h in w]
-                tqdm.write("\n".join(lines + [f"1-best:    {r['one_best']}", f"corrected: {text}"]), file=sys.stdout)
-            else:
-                tqdm.write(f"{path}\t{text}" if len(items) > 1 else text, file=sys.stdout)
+            report_result(r, path, len(items), args)
         return n_failed
     finally:
         if sink is not None:
             sink.close()
+
+
+def not_done(items: list, out: Optional[Path]) -> list:
+    """The items still to do: with --out, the files whose records are already in it are skipped (a rerun resumes);
+    the arguments that give no file stay, to be reported again."""
+    done = {r["file"] for r in read_results(out)} if out is not None else set()
+    todo = [i for i in items if isinstance(i, tuple) or str(i) not in done]
+    if done and len(todo) < len(items):
+        print(f"{out}: resuming, {len(items) - len(todo)} of {len(items)} files already done", file=sys.stderr)
+    return todo
+
+
+def report_failure(name, problem: str, args, sink):
+    """A file that failed: its `error:` line on stderr, and its error record on stdout (--json) and in --out."""
+    tqdm.write(f"error: {name}: {problem}", file=sys.stderr)
+    record = {"file": str(name), "error": problem}
+    if args.json:
+        write_line(sys.stdout, record)
+    if sink is not None:
+        write_line(sink, record)
+
+
+def report_result(r: dict, path, n_items: int, args):
+    """A corrected file on stdout: its record (--json), the n-best and both transcripts (--verbose), or the corrected
+    transcript alone (after the file's path when there are several files)."""
+    text = r["corrected"] if r["corrected"] is not None else r["one_best"]
+    if args.json:
+        write_line(sys.stdout, r)
+    elif args.verbose:
+        lines = [f"== {path}"] + [f"  {h['logprob']:9.3f}  {h['text']}" for w in r["nbest"] for h in w]
+        tqdm.write("\n".join(lines + [f"1-best:    {r['one_best']}", f"corrected: {text}"]), file=sys.stdout)
+    else:
+        tqdm.write(f"{path}\t{text}" if n_items > 1 else text, file=sys.stdout)
 
 
 def explain_path(folder: Path, path: Path, items: list) -> Path:
@@ -681,7 +693,8 @@ def run_text(args) -> str:
     return continuation(tokenizer, prompt_ids, ids)
 
 
-def main(argv=None):
+def build_parser() -> argparse.ArgumentParser:
+    """generate.py's command line: what to correct or continue, the models, the output, decoding."""
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--audio", nargs="+", default=None,
                         help="audio file(s), folder(s) or manifest(s) to transcribe and correct")
@@ -713,15 +726,7 @@ def main(argv=None):
                         help="with --audio: also append each file's JSON object to this file as soon as it is done; "
                              "a rerun with the same --out skips the files already there and retries the failed "
                              "ones (resume after an interruption; use a new file for other settings)")
-    g = parser.add_argument_group("looking inside a correction (explain.py)")
-    g.add_argument("--explain", type=Path, default=None, metavar="PNG",
-                   help="with one audio file: draw where each corrected token listened (AiW over the audio frames, "
-                        "above the log-mel), what it read (its self-attention over the n-best lines) and the gates, "
-                        "to PNG, and the same numbers to a .json beside it")
-    g.add_argument("--explain-dir", type=Path, default=None, metavar="DIR",
-                   help="as --explain, one <name>.png + .json per audio file in DIR")
-    g.add_argument("--explain-layer", type=int, default=None, metavar="N",
-                   help="draw adapter layer N only, instead of the average over the adapter layers")
+    add_explain_flags(parser)
     add_adapter_flags(parser)
     parser.add_argument("--checkpoint-dir", type=Path, default=None,
                         help="converted LLM checkpoint folder (default: the embedded SmolLM2-135M-Instruct)")
@@ -739,6 +744,24 @@ def main(argv=None):
                         help="weights and activations dtype; auto (the default): with --audio bfloat16 where it is "
                              "faster (native bf16 CPU matmuls: 1.25× on jfk.flac here, same text; bf16 GPUs), "
                              "else float32; with --prompt float32")
+    return parser
+
+
+def add_explain_flags(parser):
+    """--explain and its companions (explain.py draws the figure)."""
+    g = parser.add_argument_group("looking inside a correction (explain.py)")
+    g.add_argument("--explain", type=Path, default=None, metavar="PNG",
+                   help="with one audio file: draw where each corrected token listened (AiW over the audio frames, "
+                        "above the log-mel), what it read (its self-attention over the n-best lines) and the gates, "
+                        "to PNG, and the same numbers to a .json beside it")
+    g.add_argument("--explain-dir", type=Path, default=None, metavar="DIR",
+                   help="as --explain, one <name>.png + .json per audio file in DIR")
+    g.add_argument("--explain-layer", type=int, default=None, metavar="N",
+                   help="draw adapter layer N only, instead of the average over the adapter layers")
+
+
+def main(argv=None):
+    parser = build_parser()
     args = check_args(parser, parser.parse_args(argv))
     torch.manual_seed(args.seed)
     try:
