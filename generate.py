@@ -26,6 +26,7 @@ Decoding (`generate`) uses the KV cache: the prompt is run once in a single forw
 cache (prefill), then each new token costs one forward pass over that token alone.
 """
 import argparse
+import hashlib
 import json
 import sys
 import time
@@ -252,8 +253,8 @@ def find_latest_adapter(root=None) -> Optional[Path]:
 def say(text: str) -> Path:
     """out/say/<hash of text>.flac: `text` spoken by eSpeak NG as a held-out demo utterance (a voice the demo
     corpus never uses, mild noise), made once."""
-    import hashlib
-
+    # Imported here, as prepare_data.py imports it: demo_corpus makes its eSpeak ctypes callback at import, which
+    # only --say needs (evaluate.py and the tests import generate.py without it).
     from demo_corpus import DEMO_SAMPLE_RATE, HELDOUT_VOICE, _write_audio_atomic, demo_utterance_settings, \
         render_demo_utterance
 
