@@ -287,10 +287,40 @@ def run_adapter(adapter, ds: PreparedDataset, llm=None, whisper=None, device="cp
     response up to its first newline (generate.correct, as the paper). Returns {"greedy": outputs}, and with
     likeliest=True also "likeliest": generate.DECODES["likeliest"] outputs, chosen among the greedy ones and the
     n-best. llm / whisper override the LLM folder and the Whisper (name, folder or model) that the adapter file
-    names; requested: generate.ADAPTER_FLAGS settings for what the file leaves open. The split must hold n-best lists in the adapter's form.
+    names; requested: generate.ADAPTER_FLAGS settings for what the file leaves open. The split must hold n-best
+    lists in the adapter's form.
     cache: a JSONL file that receives each output as it is decoded and that a rerun takes them back from.
     dtype: the frozen weights' dtype (generate.py's --dtype; "auto" as there)."""
     adapter = Path(adapter)
+    model, tokenizer = load_adapter_for(adapter, ds, llm, whisper, device, requested, dtype)
+    done = read_cache(cache)
+    sink = None  # opened with the first new output: a run that fails at once leaves no file behind
+    outputs = {"greedy": [], **({"likeliest": []} if likeliest else {})}
+    try:
+        with tqdm(total=len(ds), desc=f"correcting ({adapter.name})", unit="utt", disable=not progress) as bar:
+            for i, entry in enumerate(ds.entries):
+                record = done.get(entry["id"], {})  # decoded by an interrupted earlier run of the same command
+                if not record or (likeliest and "likeliest" not in record):
+                    record = decode_utterance(model, tokenizer, ds, i, record, adapter, device, max_new_tokens,
+                                              likeliest)
+                    if cache is not None:  # one whole line per write: a kill leaves at most one torn line, ignored
+                        if sink is None:
+                            cache.parent.mkdir(parents=True, exist_ok=True)
+                            sink = open(cache, "a", encoding="utf-8")
+                        sink.write(json.dumps(record, ensure_ascii=False) + "\n")
+                        sink.flush()
+                for decode, outs in outputs.items():
+                    outs.append(record["output" if decode == "greedy" else decode])
+                bar.update(1)
+    finally:
+        if sink is not None:
+            sink.close()
+    return outputs
+
+
+def load_adapter_for(adapter: Path, ds: PreparedDataset, llm, whisper, device, requested, dtype):
+    """run_adapter's (model, tokenizer), refused with a one-line EvalError when the file cannot be loaded or was
+    trained on another n-best form than the split holds."""
     if not adapter.is_file():
         raise EvalError(f"adapter checkpoint {adapter} not found")
     try:
@@ -304,52 +334,32 @@ def run_adapter(adapter, ds: PreparedDataset, llm=None, whisper=None, device="cp
         raise EvalError(f"{adapter} was trained on '{model.hypothesis_form}' n-best lists but {ds.root} holds "
                         f"'{data_form}' ones: re-derive them with python prepare_data.py --out {ds.root} "
                         f"--hypotheses {model.hypothesis_form}")
+    return model, tokenizer
+
+
+def decode_utterance(model, tokenizer, ds: PreparedDataset, i: int, record: dict, adapter, device, max_new_tokens,
+                     likeliest: bool) -> dict:
+    """The cache record of utterance i: {"id", "output": the greedy correction, "likeliest" (when asked)}. record:
+    what an earlier run left of it (the greedy output without the likeliest choice), else {}."""
     c = model.config
-    done = read_cache(cache)
-    sink = None  # opened with the first new output: a run that fails at once leaves no file behind
-    outputs = {"greedy": [], **({"likeliest": []} if likeliest else {})}
+    # the random-audio ablation draws noise: the same numbers for an utterance on every run, resumed or not
+    torch.manual_seed(utterance_seed(0, ds.entries[i]["id"]))
+    item = ds[i]
+    features = item["audio_features"]  # (F, W) float16
+    if c.use_whisper and features.shape[-1] != c.whisper_width:
+        raise EvalError(f"{adapter} fuses Whisper features of width {c.whisper_width} but {ds.root} holds width "
+                        f"{features.shape[-1]}: prepare the data with the adapter's feature model")
+    meta = item["meta"]
+    hyps, frames, features = meta["hypotheses"], meta.get("n_frames"), features.to(device)
     try:
-        with tqdm(total=len(ds), desc=f"correcting ({adapter.name})", unit="utt", disable=not progress) as bar:
-            for i, entry in enumerate(ds.entries):
-                record = done.get(entry["id"], {})  # decoded by an interrupted earlier run of the same command
-                if record and (not likeliest or "likeliest" in record):
-                    for decode, outs in outputs.items():
-                        outs.append(record["output" if decode == "greedy" else decode])
-                    bar.update(1)
-                    continue
-                # the random-audio ablation draws noise: the same numbers for an utterance on every run, resumed
-                # or not
-                torch.manual_seed(utterance_seed(0, entry["id"]))
-                item = ds[i]
-                features = item["audio_features"]  # (F, W) float16
-                if c.use_whisper and features.shape[-1] != c.whisper_width:
-                    raise EvalError(f"{adapter} fuses Whisper features of width {c.whisper_width} but {ds.root} "
-                                    f"holds width {features.shape[-1]}: prepare the data with the adapter's "
-                                    "feature model")
-                meta = item["meta"]
-                hyps, frames, features = meta["hypotheses"], meta.get("n_frames"), features.to(device)
-                try:
-                    if not record:  # else only the likeliest choice is missing: the greedy output is cached
-                        record = {"id": meta["id"], "output": generate.correct(
-                            model, tokenizer, hyps, features, max_new_tokens, audio_frames=frames)}
-                    if likeliest:
-                        record["likeliest"] = generate.likeliest(model, tokenizer, hyps, features, record["output"],
-                                                                 frames)
-                except GenerateError as e:  # e.g. a prompt longer than the LLM's context
-                    raise EvalError(f"{meta['id']}: {e}") from None
-                for decode, outs in outputs.items():
-                    outs.append(record["output" if decode == "greedy" else decode])
-                if cache is not None:  # one whole line per write: a kill leaves at most one torn line, ignored
-                    if sink is None:
-                        cache.parent.mkdir(parents=True, exist_ok=True)
-                        sink = open(cache, "a", encoding="utf-8")
-                    sink.write(json.dumps(record, ensure_ascii=False) + "\n")
-                    sink.flush()
-                bar.update(1)
-    finally:
-        if sink is not None:
-            sink.close()
-    return outputs
+        if not record:  # else only the likeliest choice is missing: the greedy output is cached
+            record = {"id": meta["id"], "output": generate.correct(
+                model, tokenizer, hyps, features, max_new_tokens, audio_frames=frames)}
+        if likeliest:
+            record["likeliest"] = generate.likeliest(model, tokenizer, hyps, features, record["output"], frames)
+    except GenerateError as e:  # e.g. a prompt longer than the LLM's context
+        raise EvalError(f"{meta['id']}: {e}") from None
+    return record
 
 
 # ----------------------------------------------------------------------------------------------------

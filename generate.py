@@ -14,24 +14,30 @@ With --audio: the hypothesis model (--whisper, default the embedded tiny.en) sam
 best checkpoint of the latest training run under out/) decodes greedily; the corrected transcript is the
 response up to its first newline (--decode greedy, the paper's), or by default the likeliest, under the adapter
 model, of that output and the n-best hypotheses (--decode likeliest, DECODES). Audio longer than 30 s is corrected
-in 30 s windows, joined. A file that cannot be read gets one `error:` line (an error record with --json) and the others still run; the exit status is
-1 if any failed. With no trained adapter the Whisper 1-best is printed with a one-line notice: an untrained
-fusion (gate_W = 1) would only garble it.
+in 30 s windows, joined. A file that cannot be read gets one `error:` line (an error record with --json) and the
+others still run; the exit status is 1 if any failed. With no trained adapter the Whisper 1-best is printed with a
+one-line notice: an untrained fusion (gate_W = 1) would only garble it. With --explain (or --explain-dir) each
+window's correction is decoded again as correct() decodes it (decode_correction) and handed to explain.py, which
+draws where each corrected token listened and what it read (explain_file).
 With --prompt and no --checkpoint-dir the embedded SmolLM2-135M-Instruct is used (converted on first use).
 
 Decoding (`generate`) uses the KV cache: the prompt is run once in a single forward pass that fills the
 cache (prefill), then each new token costs one forward pass over that token alone.
 """
 import argparse
+import hashlib
 import json
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterable, Optional, Union
 
 import torch
+from tqdm import tqdm
 
 import convert_checkpoint
+import explain
 import whisper_model as wm
 from model import LLaMA
 from prepare_data import AUDIO_EXTENSIONS, HYPOTHESIS_FORMS, InputError, encode_prompt, encode_response, \
@@ -246,8 +252,8 @@ def find_latest_adapter(root=None) -> Optional[Path]:
 def say(text: str) -> Path:
     """out/say/<hash of text>.flac: `text` spoken by eSpeak NG as a held-out demo utterance (a voice the demo
     corpus never uses, mild noise), made once."""
-    import hashlib
-
+    # Imported here, as prepare_data.py imports it: demo_corpus makes its eSpeak ctypes callback at import, which
+    # only --say needs (evaluate.py and the tests import generate.py without it).
     from demo_corpus import DEMO_SAMPLE_RATE, HELDOUT_VOICE, _write_audio_atomic, demo_utterance_settings, \
         render_demo_utterance
 
@@ -321,6 +327,16 @@ DECODES = {
 }
 
 
+@dataclass
+class Correction:
+    """One utterance's correction as decoded: correct() returns its text, explain.py explains it."""
+    text: str  # the corrected transcript, as generate.py prints it
+    greedy_text: str  # the greedy output's first line (text differs where --decode likeliest chose a hypothesis)
+    decode: str  # the key of DECODES that chose text
+    token_ids: torch.Tensor  # (n,) the response as the model reads it: the greedy tokens, or the chosen hypothesis'
+    ended_with_eos: bool  # whether EOS follows token_ids (decoding stopped on it; a chosen hypothesis always ends so)
+
+
 @torch.inference_mode()
 def correct(model, tokenizer, hypotheses, audio_features, max_new_tokens: int = 150, audio_frames=None,
             decode: str = "greedy") -> str:
@@ -328,25 +344,43 @@ def correct(model, tokenizer, hypotheses, audio_features, max_new_tokens: int = 
     Greedy decoding with the KV cache; the audio's keys/values are computed once, at the prefill.
     audio_frames: encoder frames that carry the audio (ceil(seconds · 50)), for adapters with trim_audio.
     decode: a key of DECODES."""
+    return decode_correction(model, tokenizer, hypotheses, audio_features, max_new_tokens, audio_frames, decode).text
+
+
+@torch.inference_mode()
+def decode_correction(model, tokenizer, hypotheses, audio_features, max_new_tokens: int = 150, audio_frames=None,
+                      decode: str = "greedy") -> Correction:
+    """correct()'s work, with what explain.py needs to read the response back: the greedy output's text, its
+    tokens and how its decoding stopped. audio_features may be None for a text-only adapter."""
     if not hypotheses:
         raise GenerateError("no hypotheses to correct")
     if decode not in DECODES:
         raise GenerateError(f"unknown decoding {decode!r} (choose from {', '.join(DECODES)})")
-    audio = audio_features if audio_features.dim() == 3 else audio_features[None]
     param = next(model.parameters())
-    audio = audio.to(param.device)
+    audio = None if audio_features is None else \
+        (audio_features if audio_features.dim() == 3 else audio_features[None]).to(param.device)
     prompt_ids = encode_prompt(tokenizer, hypotheses).to(param.device)  # exactly as in training
-    text = response_text(tokenizer.decode(greedy_response(model, tokenizer, prompt_ids, audio, max_new_tokens,
-                                                          audio_frames)))
-    return text if decode == "greedy" else likeliest(model, tokenizer, hypotheses, audio, text, audio_frames)
+    new, ended_with_eos = greedy_response(model, tokenizer, prompt_ids, audio, max_new_tokens, audio_frames)
+    greedy_text = text = response_text(tokenizer.decode(new))
+    if decode == "likeliest":
+        text = likeliest(model, tokenizer, hypotheses, audio, greedy_text, audio_frames)
+        if text != greedy_text:  # a hypothesis won: the response the model reads is that hypothesis, then EOS
+            new = tokenizer.encode(text, bos=False, eos=False, special=False).to(param.device)
+            ended_with_eos = True
+    return Correction(text, greedy_text, decode, new, ended_with_eos)
 
 
 def greedy_response(model, tokenizer, prompt_ids, audio=None, max_new_tokens: int = 150, audio_frames=None):
     """The paper's decoding: the greedy response's token ids (n,), up to its first complete line (EOS, when drawn
-    first, is not included). audio (1, F, W) or None. correct() and explain.py both decode through here."""
+    first, is not included), and whether EOS ended it. audio (1, F, W) or None."""
+    done = first_line_done(tokenizer)
     ids = generate(model, prompt_ids, max_new_tokens, temperature=0.0, eos_id=tokenizer.eos_id, audio=audio,
-                   audio_frames=audio_frames, done=first_line_done(tokenizer))
-    return ids[len(prompt_ids):]
+                   audio_frames=audio_frames, done=done)
+    new = ids[len(prompt_ids):]
+    # generate() stops at EOS, at the length limit (max_new_tokens, the context) or once done(): the last two are
+    # seen in the tokens it returns, so EOS ended it when neither holds.
+    at_limit = len(new) >= max_new_tokens or len(ids) >= model.config.block_size
+    return new, not at_limit and not (len(new) and done(new.tolist()))
 
 
 @torch.inference_mode()
@@ -527,27 +561,12 @@ def load_audio_models(args):
 def run_audio(args) -> int:
     """--audio: Whisper n-best → Whispering-LLaMA correction, for every file. A file that fails gets a one-line
     error (and an error record with --json / --out) and the others still run. Returns how many failed."""
-    from tqdm import tqdm
-
     items = audio_inputs(args.audio)
     if args.explain and len(items) > 1:  # e.g. a manifest
         raise GenerateError(f"--explain writes one figure and {args.audio[0]} holds {len(items)} files: "
                             "use --explain-dir")
-    out = args.out
-    done = {r["file"] for r in read_results(out)} if out is not None else set()
-    todo = [i for i in items if isinstance(i, tuple) or str(i) not in done]
-    if done and len(todo) < len(items):
-        print(f"{out}: resuming, {len(items) - len(todo)} of {len(items)} files already done", file=sys.stderr)
-    sink = open(out, "a", encoding="utf-8") if out is not None else None
-
-    def fail(name, problem):
-        tqdm.write(f"error: {name}: {problem}", file=sys.stderr)
-        record = {"file": str(name), "error": problem}
-        if args.json:
-            write_line(sys.stdout, record)
-        if sink is not None:
-            write_line(sink, record)
-
+    todo = not_done(items, args.out)
+    sink = open(args.out, "a", encoding="utf-8") if args.out is not None else None
     try:
         wl = tokenizer = hyp_model = hyp_tok = feat_model = None
         if any(not isinstance(i, tuple) for i in todo):  # models only when there is audio to read
@@ -557,36 +576,60 @@ def run_audio(args) -> int:
         n_failed = 0
         for item in tqdm(todo, desc="correcting", unit="file", disable=len(todo) < 2):
             if isinstance(item, tuple):  # a folder without audio, a manifest that cannot be read
-                fail(*item)
+                report_failure(*item, args, sink)
                 n_failed += 1
                 continue
             path = item
             try:
                 r = transcribe_and_correct(path, hyp_model, hyp_tok, feat_model, wl, tokenizer, args)
                 if wl is not None and (args.explain or args.explain_dir):  # a second, explicit pass (explain.py)
-                    import explain
-
                     png = args.explain or explain_path(args.explain_dir, path, items)
-                    explain.explain_file(path, r, wl, tokenizer, feat_model, png, args.max_new_tokens,
-                                         args.explain_layer, args.decode)
-            except (wm.AudioError, GenerateError) as e:  # this file only: report it, go on with the next
-                fail(path, str(e).removeprefix(f"{path}: "))
+                    explain_file(path, r, wl, tokenizer, feat_model, png, args.max_new_tokens, args.explain_layer,
+                                 args.decode)
+            except (wm.AudioError, GenerateError, explain.ExplainError) as e:  # this file only: report, go on
+                report_failure(path, str(e).removeprefix(f"{path}: "), args, sink)
                 n_failed += 1
                 continue
             if sink is not None:
                 write_line(sink, r)
-            text = r["corrected"] if r["corrected"] is not None else r["one_best"]
-            if args.json:
-                write_line(sys.stdout, r)
-            elif args.verbose:
-                lines = [f"== {path}"] + [f"  {h['logprob']:9.3f}  {h['text']}" for w in r["nbest"] for h in w]
-                tqdm.write("\n".join(lines + [f"1-best:    {r['one_best']}", f"corrected: {text}"]), file=sys.stdout)
-            else:
-                tqdm.write(f"{path}\t{text}" if len(items) > 1 else text, file=sys.stdout)
+            report_result(r, path, len(items), args)
         return n_failed
     finally:
         if sink is not None:
             sink.close()
+
+
+def not_done(items: list, out: Optional[Path]) -> list:
+    """The items still to do: with --out, the files whose records are already in it are skipped (a rerun resumes);
+    the arguments that give no file stay, to be reported again."""
+    done = {r["file"] for r in read_results(out)} if out is not None else set()
+    todo = [i for i in items if isinstance(i, tuple) or str(i) not in done]
+    if done and len(todo) < len(items):
+        print(f"{out}: resuming, {len(items) - len(todo)} of {len(items)} files already done", file=sys.stderr)
+    return todo
+
+
+def report_failure(name, problem: str, args, sink):
+    """A file that failed: its `error:` line on stderr, and its error record on stdout (--json) and in --out."""
+    tqdm.write(f"error: {name}: {problem}", file=sys.stderr)
+    record = {"file": str(name), "error": problem}
+    if args.json:
+        write_line(sys.stdout, record)
+    if sink is not None:
+        write_line(sink, record)
+
+
+def report_result(r: dict, path, n_items: int, args):
+    """A corrected file on stdout: its record (--json), the n-best and both transcripts (--verbose), or the corrected
+    transcript alone (after the file's path when there are several files)."""
+    text = r["corrected"] if r["corrected"] is not None else r["one_best"]
+    if args.json:
+        write_line(sys.stdout, r)
+    elif args.verbose:
+        lines = [f"== {path}"] + [f"  {h['logprob']:9.3f}  {h['text']}" for w in r["nbest"] for h in w]
+        tqdm.write("\n".join(lines + [f"1-best:    {r['one_best']}", f"corrected: {text}"]), file=sys.stdout)
+    else:
+        tqdm.write(f"{path}\t{text}" if n_items > 1 else text, file=sys.stdout)
 
 
 def explain_path(folder: Path, path: Path, items: list) -> Path:
@@ -594,6 +637,41 @@ def explain_path(folder: Path, path: Path, items: list) -> Path:
     names = [Path(i).stem for i in items if not isinstance(i, tuple)]
     stem = path.stem if names.count(path.stem) < 2 else "_".join(path.with_suffix("").parts[-3:])
     return Path(folder) / f"{stem}.png"
+
+
+def explain_correction(model, tokenizer, hypotheses, audio_features, max_new_tokens: int = 150, audio_frames=None,
+                       layer=None, decode: str = "greedy") -> dict:
+    """Correct one utterance exactly as correct() does, then explain that correction (explain.explain: its dict of
+    plain numbers, the content of the JSON file). layer: draw this adapter layer instead of their average."""
+    response = decode_correction(model, tokenizer, hypotheses, audio_features, max_new_tokens, audio_frames, decode)
+    return explain.explain(model, tokenizer, hypotheses, response, audio_features, audio_frames, layer)
+
+
+def explain_file(path, result: dict, wl, tokenizer, feat_model, png, max_new_tokens=150, layer=None,
+                 decode="greedy") -> list:
+    """--explain: look inside the correction run_audio made of one file (`result`, its record): the n-best lists
+    are reused, the audio features recomputed (the encoder is deterministic), each 30 s window explained. Writes
+    png (the first window; later windows as <stem>-window<k>.png) and the JSON beside each. Returns the PNG paths."""
+    audio = wm.load_audio(path)
+    written = []
+    for w, (piece, nbest) in enumerate(zip(windows(audio), result["nbest"])):
+        hyps = [h["text"] for h in nbest]
+        if not hyps:
+            continue  # silence: generate.py kept the 1-best, there is no correction to look inside
+        mel = wm.log_mel_spectrogram(piece, feat_model.dims.n_mels)
+        with torch.inference_mode():
+            feats = feat_model.embed_audio(mel[None])[0]
+        frames = wm.encoder_frames(len(piece))
+        expl = explain_correction(wl, tokenizer, hyps, feats, max_new_tokens, frames, layer, decode)
+        expl.update(file=str(path), window=w, window_start_seconds=wm.CHUNK_LENGTH * w,
+                    clip_seconds=len(piece) / wm.SAMPLE_RATE)
+        out = Path(png) if w == 0 else Path(png).with_name(f"{Path(png).stem}-window{w + 1}{Path(png).suffix}")
+        try:
+            explain.write(expl, out, mel.numpy(), title=f"{Path(path).name}: {expl['text']}")
+        except OSError as e:
+            raise GenerateError(f"cannot write {out}: {e.strerror or e}") from None
+        written.append(out)
+    return written
 
 
 def run_text(args) -> str:
@@ -615,7 +693,8 @@ def run_text(args) -> str:
     return continuation(tokenizer, prompt_ids, ids)
 
 
-def main(argv=None):
+def build_parser() -> argparse.ArgumentParser:
+    """generate.py's command line: what to correct or continue, the models, the output, decoding."""
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--audio", nargs="+", default=None,
                         help="audio file(s), folder(s) or manifest(s) to transcribe and correct")
@@ -647,15 +726,7 @@ def main(argv=None):
                         help="with --audio: also append each file's JSON object to this file as soon as it is done; "
                              "a rerun with the same --out skips the files already there and retries the failed "
                              "ones (resume after an interruption; use a new file for other settings)")
-    g = parser.add_argument_group("looking inside a correction (explain.py)")
-    g.add_argument("--explain", type=Path, default=None, metavar="PNG",
-                   help="with one audio file: draw where each corrected token listened (AiW over the audio frames, "
-                        "above the log-mel), what it read (its self-attention over the n-best lines) and the gates, "
-                        "to PNG, and the same numbers to a .json beside it")
-    g.add_argument("--explain-dir", type=Path, default=None, metavar="DIR",
-                   help="as --explain, one <name>.png + .json per audio file in DIR")
-    g.add_argument("--explain-layer", type=int, default=None, metavar="N",
-                   help="draw adapter layer N only, instead of the average over the adapter layers")
+    add_explain_flags(parser)
     add_adapter_flags(parser)
     parser.add_argument("--checkpoint-dir", type=Path, default=None,
                         help="converted LLM checkpoint folder (default: the embedded SmolLM2-135M-Instruct)")
@@ -673,6 +744,24 @@ def main(argv=None):
                         help="weights and activations dtype; auto (the default): with --audio bfloat16 where it is "
                              "faster (native bf16 CPU matmuls: 1.25× on jfk.flac here, same text; bf16 GPUs), "
                              "else float32; with --prompt float32")
+    return parser
+
+
+def add_explain_flags(parser):
+    """--explain and its companions (explain.py draws the figure)."""
+    g = parser.add_argument_group("looking inside a correction (explain.py)")
+    g.add_argument("--explain", type=Path, default=None, metavar="PNG",
+                   help="with one audio file: draw where each corrected token listened (AiW over the audio frames, "
+                        "above the log-mel), what it read (its self-attention over the n-best lines) and the gates, "
+                        "to PNG, and the same numbers to a .json beside it")
+    g.add_argument("--explain-dir", type=Path, default=None, metavar="DIR",
+                   help="as --explain, one <name>.png + .json per audio file in DIR")
+    g.add_argument("--explain-layer", type=int, default=None, metavar="N",
+                   help="draw adapter layer N only, instead of the average over the adapter layers")
+
+
+def main(argv=None):
+    parser = build_parser()
     args = check_args(parser, parser.parse_args(argv))
     torch.manual_seed(args.seed)
     try:

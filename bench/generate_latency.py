@@ -126,34 +126,42 @@ def main(argv=None):
             from generate import say
             audio = str(say(DEMO_SENTENCE))
     print(f"clip: {audio}; {args.threads} threads; median of {args.repeats}")
-    def fresh_runs(d, *extra):
-        runs = []
-        for _ in range(args.repeats):
-            r = subprocess.run([sys.executable, __file__, "--one", d, "--audio", audio, "--threads",
-                                str(args.threads), *extra], capture_output=True, text=True, cwd=ROOT)
-            if r.returncode != 0:
-                raise SystemExit(r.stderr.strip().splitlines()[-1])
-            runs.append(json.loads(r.stdout.strip().splitlines()[-1]))
-        return runs
-
     rows = {}
     for d in args.dtypes:
-        runs = fresh_runs(d)
+        runs = fresh_runs(args, audio, d)
         walls = [end_to_end(audio, d, args.threads) for _ in range(args.repeats)]
         med = {s: statistics.median(r["seconds"][s] for r in runs) for s in STAGES}
         rows[d] = dict(stages=med, tokens=runs[0]["tokens"], prompt_tokens=runs[0]["prompt_tokens"],
                        corrected=runs[0]["corrected"], one_best=runs[0]["one_best"], greedy=runs[0]["greedy"],
                        wall=statistics.median(w for w, _ in walls), cli=walls[0][1])
-    base = args.dtypes[0]
-    print(f"\n| stage | " + " | ".join(args.dtypes) + f" | speed-up vs {base} |")
-    print("|---|" + "---:|" * (len(args.dtypes) + 1))
+    print_stages(rows, args.dtypes)
+    print_load_comparison(args, audio, rows)
+
+
+def fresh_runs(args, audio: str, d: str, *extra) -> list:
+    """stages() of dtype d, --repeats times, each in a fresh process."""
+    runs = []
+    for _ in range(args.repeats):
+        r = subprocess.run([sys.executable, __file__, "--one", d, "--audio", audio, "--threads",
+                            str(args.threads), *extra], capture_output=True, text=True, cwd=ROOT)
+        if r.returncode != 0:
+            raise SystemExit(r.stderr.strip().splitlines()[-1])
+        runs.append(json.loads(r.stdout.strip().splitlines()[-1]))
+    return runs
+
+
+def print_stages(rows: dict, dtypes: list):
+    """The table of stages per dtype with the speed-up over the first, then each dtype's tokens/s and texts."""
+    base = dtypes[0]
+    print(f"\n| stage | " + " | ".join(dtypes) + f" | speed-up vs {base} |")
+    print("|---|" + "---:|" * (len(dtypes) + 1))
     for s in STAGES + ("sum of stages", "end to end (CLI)"):
         def val(d):
             st = rows[d]["stages"]
             return sum(st.values()) if s == "sum of stages" else rows[d]["wall"] if s.startswith("end") else st[s]
-        ratios = " / ".join(f"{val(base) / val(d):.2f}×" for d in args.dtypes[1:])
-        print(f"| {s} | " + " | ".join(f"{val(d):.2f} s" for d in args.dtypes) + f" | {ratios} |")
-    for d in args.dtypes:
+        ratios = " / ".join(f"{val(base) / val(d):.2f}×" for d in dtypes[1:])
+        print(f"| {s} | " + " | ".join(f"{val(d):.2f} s" for d in dtypes) + f" | {ratios} |")
+    for d in dtypes:
         r = rows[d]
         tps = r["tokens"] / r["stages"]["decode"] if r["stages"]["decode"] else float("nan")
         print(f"\n{d}: prompt {r['prompt_tokens']} tokens, prefill {r['prompt_tokens'] / r['stages']['prefill']:.0f} "
@@ -162,8 +170,12 @@ def main(argv=None):
         print(f"  greedy:    {r['greedy']}")
         print(f"  likeliest: {r['corrected']}")
         print(f"  CLI:       {r['cli']}")
+
+
+def print_load_comparison(args, audio: str, rows: dict):
+    """The load stage of the last dtype against its previous path (models built on the meta device alone)."""
     d = args.dtypes[-1]
-    old = fresh_runs(d, "--meta-only")
+    old = fresh_runs(args, audio, d, "--meta-only")
     load_old = statistics.median(r["seconds"]["load"] for r in old)
     load_new = rows[d]["stages"]["load"]
     print(f"\nload ({d}): meta device alone {load_old:.2f} s (torch._dynamo imported: "

@@ -169,7 +169,7 @@ def test_explain_gives_the_fast_path_text_and_sums_to_one(tiny, tokenizer, tmp_p
     model = trained_like(llm_dir, whisper, variant="L")
     audio = torch.randn(60, 32, generator=torch.Generator().manual_seed(5))
     fast = G.correct(model, tokenizer, HYPS, audio, max_new_tokens=8, audio_frames=25)
-    expl = E.explain(model, tokenizer, HYPS, audio, audio_frames=25, max_new_tokens=8, layer=layer)
+    expl = G.explain_correction(model, tokenizer, HYPS, audio, audio_frames=25, max_new_tokens=8, layer=layer)
     assert expl["text"] == fast and expl["matches_model"]
     R = len(expl["tokens"])
     assert R >= 2 and tokenizer.decode(expl["token_ids"][:8]).strip().startswith(fast)
@@ -190,8 +190,8 @@ def test_explain_gives_the_fast_path_text_and_sums_to_one(tiny, tokenizer, tmp_p
     np.testing.assert_allclose(saved["listening"]["drawn"], lis["drawn"], rtol=1e-5)
     np.testing.assert_allclose(saved["reading"]["per_layer"], expl["reading"]["per_layer"], rtol=1e-5)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["x.json", "x.png"]  # no temporary file left
-    with pytest.raises(G.GenerateError, match="not an adapter layer"):
-        E.explain(model, tokenizer, HYPS, audio, max_new_tokens=2, layer=0)
+    with pytest.raises(E.ExplainError, match="not an adapter layer"):
+        G.explain_correction(model, tokenizer, HYPS, audio, max_new_tokens=2, layer=0)
 
 
 
@@ -201,7 +201,8 @@ def test_likeliest_decoding_explains_the_text_it_prints(tiny, tokenizer, monkeyp
     llm_dir, whisper = tiny
     model = trained_like(llm_dir, whisper, variant="L")
     audio = torch.randn(60, 32, generator=torch.Generator().manual_seed(5))
-    same = E.explain(model, tokenizer, HYPS, audio, audio_frames=25, max_new_tokens=8, decode="likeliest")
+    same = G.explain_correction(model, tokenizer, HYPS, audio, audio_frames=25, max_new_tokens=8,
+                                 decode="likeliest")
     assert same["text"] == G.correct(model, tokenizer, HYPS, audio, 8, audio_frames=25, decode="likeliest")
 
     planted = "zq xv kk wj " * 6  # long and unlikely: the hypotheses (8 tokens or so) score higher
@@ -210,7 +211,8 @@ def test_likeliest_decoding_explains_the_text_it_prints(tiny, tokenizer, monkeyp
         return torch.cat([idx, tokenizer.encode(planted, bos=False, eos=False, special=False)])
 
     monkeypatch.setattr(G, "generate", bad_greedy)
-    expl = E.explain(model, tokenizer, HYPS, audio, audio_frames=25, max_new_tokens=8, decode="likeliest")
+    expl = G.explain_correction(model, tokenizer, HYPS, audio, audio_frames=25, max_new_tokens=8,
+                                 decode="likeliest")
     assert expl["greedy_text"] == planted.strip() and expl["text"] in HYPS
     assert expl["text"] == G.correct(model, tokenizer, HYPS, audio, 8, audio_frames=25, decode="likeliest")
     want = tokenizer.encode(expl["text"], bos=False, eos=False, special=False).tolist() + [tokenizer.eos_id]
@@ -222,7 +224,7 @@ def test_trimmed_features_follow_the_clip(tiny, tokenizer, one_thread):
     llm_dir, whisper = tiny
     model = trained_like(llm_dir, whisper, trim_audio=True)
     audio = torch.randn(1500, 32, generator=torch.Generator().manual_seed(6))
-    expl = E.explain(model, tokenizer, HYPS[:2], audio, audio_frames=40, max_new_tokens=4)
+    expl = G.explain_correction(model, tokenizer, HYPS[:2], audio, audio_frames=40, max_new_tokens=4)
     assert expl["text"] == G.correct(model, tokenizer, HYPS[:2], audio, 4, audio_frames=40)
     assert expl["listening"]["frames"] == 40 and expl["listening"]["after_clip"] is None
 
@@ -242,7 +244,7 @@ def test_reference_pth_adapters_explain_end_to_end(tiny, tokenizer, tmp_path, va
     sf.write(wav, (0.3 * np.sin(2 * np.pi * 300 * t)).astype(np.float32), 16000)
     hyps = [h.replace("flights", "flight") for h in HYPS[:2]]
     record = {"file": str(wav), "nbest": [[{"text": h, "logprob": None} for h in hyps]]}
-    (png,) = E.explain_file(wav, record, loaded, tokenizer, whisper, tmp_path / "why" / "clip.png", max_new_tokens=6)
+    (png,) = G.explain_file(wav, record, loaded, tokenizer, whisper, tmp_path / "why" / "clip.png", max_new_tokens=6)
     expl = json.loads(png.with_suffix(".json").read_text())
     mel = wm.log_mel_spectrogram(wm.load_audio(wav))
     feats = whisper.embed_audio(mel[None])[0].detach()
