@@ -257,33 +257,36 @@ class AdapterAttention(CausalSelfAttention):
         return k_p, v_p  # no RoPE: the prefix has no position
 
     def whisper_projections(self, audio: torch.Tensor, projected: dict):
-        """k = A Wk_j and v = A Wv_j + bv_j, (B, F, W) each: frozen, so they depend only on the audio and on j.
-        Several LLaMA blocks copy the same Whisper block (30 SmolLM2 blocks over 4 tiny.en blocks): `projected`,
-        a dict {j: (k, v)} that lives for one forward, lets them compute it once (exact: the copies are equal)."""
+        """k = A Wk_j and v = A Wv_j + bv_j, (B, F, W) each, RMS-normalised without the norms' trained scale (see
+        whisper_kv): frozen, so they depend only on the audio and on j. Several LLaMA blocks copy the same Whisper
+        block (30 SmolLM2 blocks over 4 tiny.en blocks): `projected`, a dict {j: (k, v)} that lives for one
+        forward, lets them compute it once (exact: the copies are equal)."""
         if self.whisper_block not in projected:
             with torch.no_grad():  # frozen weights and features: nothing to differentiate, nothing to save
                 audio = audio.to(self.whisper_key.weight.dtype)
-                projected[self.whisper_block] = self.whisper_key(audio), self.whisper_value(audio)
+                kv = self.whisper_key(audio), self.whisper_value(audio)
+                eps = self.config.adapter_norm_eps
+                projected[self.whisper_block] = tuple(F.rms_norm(upcast(x), (x.shape[-1],), eps=eps).to(x.dtype)
+                                                      for x in kv)
         return projected[self.whisper_block]
 
     def whisper_kv(self, audio: torch.Tensor, projected=None):
-        """Keys and values of the Whisper heads with their identity tail, (B, Hw, F, D) each, from audio
-        features (B, F, W); with self.low_rank, their codes [s | E] (B, Hw, F, R + D - Dw) (see low_rank_heads)."""
-        c, D = self.config, self.config.head_size
-        down_v = self.adapter_down_k if c.shared_down_up else self.adapter_down_v
-        k, v = self.whisper_projections(audio, {} if projected is None else projected)
-        s_k = F.silu(self.adapter_down_k(self.adapter_norm_k(k)))  # (B, F, R): k̂ = up(s_k)
-        s_v = F.silu(down_v(self.adapter_norm_v(v)))
+        """(k, v, up) for whisper_attention from audio features (B, F, W): the Whisper heads' keys and values with
+        their identity tail, (B, Hw, F, D) each, and up None; or with self.low_rank their codes [s | E]
+        (B, Hw, F, R + D - Dw) and up = (U_k, U_v), the up projections' weights (see low_rank_heads)."""
+        c, D, shared = self.config, self.config.head_size, self.config.shared_down_up  # WL-L: the values' own pair
+        down_v, up_v = (self.adapter_down_k, self.adapter_up_k) if shared else (self.adapter_down_v, self.adapter_up_v)
+        # rmsnorm_k(k) = k̃ ⊙ g_k, so down(rmsnorm_k(k)) = k̃ (down ⊙ g_k)ᵀ: k̃ (frozen) is made once per Whisper block
+        k, v = self.whisper_projections(audio, {} if projected is None else projected)  # k̃, ṽ
+        s_k = F.silu(F.linear(k, self.adapter_down_k.weight * self.adapter_norm_k.weight))  # (B, F, R): k̂ = up(s_k)
+        s_v = F.silu(F.linear(v, down_v.weight * self.adapter_norm_v.weight))
         if self.low_rank:
-            return tuple(identity_tail(s[:, None], D, c.whisper_head_size).expand(-1, c.whisper_heads, -1, -1)
-                         for s in (s_k, s_v))
-        k, v = self.split_whisper_heads(self.adapter_up_k(s_k)), self.split_whisper_heads(self.up_v()(s_v))
+            return (*(identity_tail(s[:, None], D, c.whisper_head_size).expand(-1, c.whisper_heads, -1, -1)
+                      for s in (s_k, s_v)), (self.adapter_up_k.weight, up_v.weight))
+        k, v = self.split_whisper_heads(self.adapter_up_k(s_k)), self.split_whisper_heads(up_v(s_v))
         if not c.identity_init:  # the no-special-initialisation ablation: a random template, all H heads
-            return random_template(k, c.n_head, D), random_template(v, c.n_head, D)
-        return identity_tail(k, D), identity_tail(v, D)
-
-    def up_v(self) -> nn.Linear:
-        return self.adapter_up_k if self.config.shared_down_up else self.adapter_up_v  # WL-L: the values' own
+            return random_template(k, c.n_head, D), random_template(v, c.n_head, D), None
+        return identity_tail(k, D), identity_tail(v, D), None
 
     def split_whisper_heads(self, x: torch.Tensor) -> torch.Tensor:
         """(B, F, W) → (B, Hw, F, Dw)."""
@@ -308,8 +311,7 @@ class AdapterAttention(CausalSelfAttention):
         if self.config.use_whisper:
             if audio is None and not (decoding and hasattr(self.kv_cache, "whisper_kv")):
                 raise ValueError("this model fuses audio: pass audio features (B, F, W) (decoding: at the first step)")
-            k_w, v_w = self.kept(decoding, "whisper_kv", lambda: self.whisper_kv(audio, projected))  # per utterance
-            up = (self.adapter_up_k.weight, self.up_v().weight) if self.low_rank else None
+            k_w, v_w, up = self.kept(decoding, "whisper_kv", lambda: self.whisper_kv(audio, projected))  # per clip
             y_w = whisper_attention(self.transform_query(q), k_w, v_w, up)
             y = y + (self.adapter_gate_whisper * y_w).to(y.dtype)
         return self.project(y)

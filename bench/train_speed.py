@@ -8,13 +8,14 @@ A micro-step is train.py's forward + backward (loss on the response only) of a d
 audio features of a 30 s window (1500 frames; with trimming only the frames of a --clip-seconds clip).
 
 Configurations (each in its own process, so that its peak RSS is its own):
-    baseline   fp32, every adapter block projects the audio with its own Whisper k/v copy (the code before
-               the projections were shared), the paper's 1500 frames
-               and the Whisper heads' keys/values built in full, (B, Hw, F, D) (before adapter.low_rank_heads)
-    fp32       fp32, one projection per distinct Whisper block (exact), low-rank Whisper heads (exact)
-    bf16-padded  frozen weights in bf16 under bf16 autocast, adapters fp32, the frame attention in fp32, the
-               Whisper heads' keys/values built in full (the bf16 path before adapter.low_rank_heads)
-    bf16       the same with low-rank Whisper heads (train.py --precision bf16)
+    baseline   fp32, the paper's 1500 frames, the AiW keys/values as the code first computed them (`old_whisper_kv`):
+               every adapter block projects the audio with its own Whisper k/v copy, applies its RMSNorms and
+               builds the Whisper heads' keys/values in full, (B, Hw, F, D)
+    fp32       fp32, today's AiW: the projections and their normalisation once per distinct Whisper block (the
+               norms' scale folded into down), the Whisper heads attending over the low-rank codes (all exact)
+    bf16-before  frozen weights in bf16 under bf16 autocast, adapters fp32, the frame attention in fp32, with the
+               AiW of the previous bf16 measurement (projections shared, per-block norms, keys/values in full)
+    bf16       the same with today's AiW (train.py --precision bf16)
     bf16-trim  bf16 and only the frames that carry the clip (train.py --precision bf16 --trim-audio)
 
 Printed: tokens/s, the speed-up over the baseline, achieved FLOP/s (FLOPs counted by torch's FlopCounterMode
@@ -23,6 +24,7 @@ matmul), peak RSS; then the loss of fp32 and bf16 over --steps AdamW steps from 
 batches.
 """
 import argparse
+import functools
 import json
 import os
 import resource
@@ -43,7 +45,7 @@ import wl_checkpoint  # noqa: E402
 from prepare_data import IGNORE_INDEX  # noqa: E402
 from whisper_model import FRAMES_PER_SECOND, N_AUDIO_FRAMES  # noqa: E402
 
-CONFIGS = ("baseline", "fp32", "bf16-padded", "bf16", "bf16-trim")
+CONFIGS = ("baseline", "fp32", "bf16-before", "bf16", "bf16-trim")
 
 
 def matmul_peak(dtype, n=2048, repeats=5) -> float:
@@ -56,27 +58,35 @@ def matmul_peak(dtype, n=2048, repeats=5) -> float:
     return 2 * n ** 3 * repeats / (time.perf_counter() - t0)
 
 
-def per_layer_projections(self, audio, projected=None):
-    """The baseline: every block projects the audio with its own copy (the memo is ignored)."""
-    with torch.no_grad():
-        audio = audio.to(self.whisper_key.weight.dtype)
-        return self.whisper_key(audio), self.whisper_value(audio)
+def old_whisper_kv(self, audio, projected=None, share=False):
+    """AdapterAttention.whisper_kv as the code first computed it: the frozen projections per block (or, share, once
+    per distinct Whisper block), each block's RMSNorm modules, k̂ = up(silu(down(·))) and v̂ built in full, split
+    into Whisper heads with their identity tail. The same function as today's (the tests compare both with the
+    literal template)."""
+    c, projected = self.config, {} if projected is None else projected
+    if not share or ("raw", self.whisper_block) not in projected:
+        with torch.no_grad():
+            a = audio.to(self.whisper_key.weight.dtype)
+            projected[("raw", self.whisper_block)] = self.whisper_key(a), self.whisper_value(a)
+    k, v = projected[("raw", self.whisper_block)]
+    down_v, up_v = (self.adapter_down_k, self.adapter_up_k) if c.shared_down_up else (self.adapter_down_v,
+                                                                                     self.adapter_up_v)
+    k = self.split_whisper_heads(self.adapter_up_k(torch.nn.functional.silu(self.adapter_down_k(self.adapter_norm_k(k)))))
+    v = self.split_whisper_heads(up_v(torch.nn.functional.silu(down_v(self.adapter_norm_v(v)))))
+    return A.identity_tail(k, c.head_size), A.identity_tail(v, c.head_size), None
 
 
 def build(name, whisper):
     """(model, autocast dtype or None) for a configuration."""
     torch.manual_seed(0)
     model = wl_checkpoint.build_model(convert_checkpoint.ensure_llm(None), whisper, trim_audio=name.endswith("trim")).float()
-    if name in ("baseline", "bf16-padded"):  # K_pad/V_pad's Whisper heads in full, as before low_rank_heads
-        for block in model.adapter_blocks():
-            block.attn.low_rank = False
+    if name in ("baseline", "bf16-before"):
+        A.AdapterAttention.whisper_kv = functools.partialmethod(old_whisper_kv, share=name != "baseline")
     if name.startswith("bf16"):
         with torch.no_grad():  # as train.py --precision bf16
             for p in model.parameters():
                 p.data = p.data.to(torch.float32 if p.requires_grad else torch.bfloat16)
         return model, torch.bfloat16
-    if name == "baseline":
-        A.AdapterAttention.whisper_projections = per_layer_projections
     return model, None
 
 

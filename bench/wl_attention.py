@@ -58,8 +58,8 @@ def branch_forward(attn, q, audio, literal):
     """The AiW branch alone (RoPE'd queries + audio → y_w): the only part where the two variants differ."""
     if literal:
         return literal_whisper_branch(attn, q, audio, explicit=literal == "textbook")
-    k_w, v_w = attn.whisper_kv(audio)
-    return A.whisper_attention(attn.transform_query(q), k_w, v_w)
+    k_w, v_w, up = attn.whisper_kv(audio)
+    return A.whisper_attention(attn.transform_query(q), k_w, v_w, up)
 
 
 def layer_forward(attn, x, cos, sin, audio, literal):
@@ -152,8 +152,8 @@ def decode_steps(threads, small, steps=20):
     audio = torch.randn(1, Fr, cfg.whisper_width)
     qs = torch.randn(steps, 1, cfg.n_head, 1, cfg.head_size)
     t0 = time.perf_counter()
-    k_w, v_w = attn.whisper_kv(audio)  # once per utterance
-    fast = [A.whisper_attention(attn.transform_query(q), k_w, v_w) for q in qs]
+    k_w, v_w, up = attn.whisper_kv(audio)  # once per utterance
+    fast = [A.whisper_attention(attn.transform_query(q), k_w, v_w, up) for q in qs]
     t_fast = time.perf_counter() - t0
     t0 = time.perf_counter()
     lit = [literal_whisper_branch(attn, q, audio) for q in qs]
