@@ -71,15 +71,17 @@ def old_whisper_kv(self, audio, projected=None, share=False):
     k, v = projected[("raw", self.whisper_block)]
     down_v, up_v = (self.adapter_down_k, self.adapter_up_k) if c.shared_down_up else (self.adapter_down_v,
                                                                                      self.adapter_up_v)
-    k = self.split_whisper_heads(self.adapter_up_k(torch.nn.functional.silu(self.adapter_down_k(self.adapter_norm_k(k)))))
-    v = self.split_whisper_heads(up_v(torch.nn.functional.silu(down_v(self.adapter_norm_v(v)))))
+    silu = torch.nn.functional.silu
+    k = self.split_whisper_heads(self.adapter_up_k(silu(self.adapter_down_k(self.adapter_norm_k(k)))))
+    v = self.split_whisper_heads(up_v(silu(down_v(self.adapter_norm_v(v)))))
     return A.identity_tail(k, c.head_size), A.identity_tail(v, c.head_size), None
 
 
 def build(name, whisper):
     """(model, autocast dtype or None) for a configuration."""
     torch.manual_seed(0)
-    model = wl_checkpoint.build_model(convert_checkpoint.ensure_llm(None), whisper, trim_audio=name.endswith("trim")).float()
+    llm = convert_checkpoint.ensure_llm(None)
+    model = wl_checkpoint.build_model(llm, whisper, trim_audio=name.endswith("trim")).float()
     if name in ("baseline", "bf16-before"):
         A.AdapterAttention.whisper_kv = functools.partialmethod(old_whisper_kv, share=name != "baseline")
     if name.startswith("bf16"):
