@@ -401,3 +401,19 @@ def test_audio_dtype_auto_follows_the_cpu_probe(monkeypatch):
     monkeypatch.setattr(G, "cpu_bf16_is_faster", lambda: False)
     assert G.audio_dtype("auto", "cpu") == torch.float32
     assert G.audio_dtype("bfloat16", "cpu") == torch.bfloat16 and G.audio_dtype("float32", "cpu") == torch.float32
+
+
+@pytest.mark.slow
+def test_quick_start_corrects_the_readme_clip_with_the_shipped_adapter(tmp_path, monkeypatch, embedded_llm_dir,
+                                                                        embedded_whisper_dir):
+    """The README's quick start, end to end on real weights: the clip --say makes, Whisper's 1-best, and the
+    shipped demo adapter's correction, exactly as the README prints them."""
+    monkeypatch.setattr(G, "OUT", tmp_path / "out")
+    clip = G.say("I need a flight from Boston to Denver on Monday morning")
+    run = subprocess.run([sys.executable, "generate.py", "--audio", str(clip), "--verbose", "--adapter",
+                          str(G.DEMO_ADAPTER), "--llm", str(embedded_llm_dir), "--whisper", str(embedded_whisper_dir)],
+                         cwd=ROOT, capture_output=True, text=True, timeout=900)
+    assert run.returncode == 0, run.stderr
+    lines = run.stdout.splitlines()
+    assert "1-best:    I need a flight from Boston to then run Monday morning." in lines
+    assert "corrected: I need a flight from Boston to Denver on Monday morning." in lines
