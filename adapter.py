@@ -48,7 +48,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from model import Block, CausalSelfAttention, Config, LLaMA, RMSNorm, upcast
+from model import Block, CausalSelfAttention, Config, LLaMA, RMSNorm, attention, upcast
 
 VARIANTS = {  # name → (rank r: the bottleneck is W // r wide, one down/up pair shared by keys and values)
     "L": (8, False),   # WL-L: separate down/up for keys and values, 26.40M trainable on 7B + large-v2
@@ -112,20 +112,7 @@ def prefix_attention(q, k_p, v_p):
     q (B, H, T, D); k_p, v_p (1, G, L, D), shared across the batch."""
     B, H = q.shape[:2]
     k_p, v_p = k_p.expand(B, -1, -1, -1), v_p.expand(B, -1, -1, -1)  # views, no copy
-    return unmasked_attention(q, k_p, v_p, enable_gqa=k_p.shape[1] != H)
-
-
-def unmasked_attention(q, k, v, enable_gqa=False, scale=None):
-    """scaled_dot_product_attention with no mask (the prefix, the audio frames). On a CPU the fused kernel runs
-    slower in bf16 than in fp32 for these shapes (forward + backward: 2.7× at 1500 frames, 3× for the 10 prefix
-    positions; bench/train_speed.py), so half-precision inputs (or bf16 autocast) are computed in fp32 there and
-    the result cast back; on GPUs the call is unchanged."""
-    half = q.dtype in (torch.bfloat16, torch.float16) or torch.is_autocast_enabled("cpu")
-    if q.device.type != "cpu" or not half:
-        return F.scaled_dot_product_attention(q, k, v, enable_gqa=enable_gqa, scale=scale)
-    with torch.autocast("cpu", enabled=False):
-        y = F.scaled_dot_product_attention(q.float(), k.float(), v.float(), enable_gqa=enable_gqa, scale=scale)
-    return y.to(q.dtype)
+    return attention(q, k_p, v_p)
 
 
 def whisper_attention(q: torch.Tensor, k_tail: torch.Tensor, v_tail: torch.Tensor, up=None) -> torch.Tensor:
@@ -145,7 +132,7 @@ def whisper_attention(q: torch.Tensor, k_tail: torch.Tensor, v_tail: torch.Tenso
     act together like one extra score of log(F - n)), and their output column d is the probability of frame d."""
     B, H, T, D = q.shape
     Hw, F_ = k_tail.shape[1:3]
-    y_real = unmasked_attention(q[:, :Hw], k_tail, v_tail) if up is None else low_rank_heads(q[:, :Hw], k_tail,
+    y_real = attention(q[:, :Hw], k_tail, v_tail) if up is None else low_rank_heads(q[:, :Hw], k_tail,
                                                                                              v_tail, *up)
     if H == Hw:
         return y_real
@@ -163,13 +150,14 @@ def low_rank_heads(q, codes_k, codes_v, up_k, up_v):
 
         q K_pad,hᵀ = [q[:Dw] U_k,h | q[Dw:]] [s_k | E]ᵀ        P V_pad,h = [(P s_v) U_v,hᵀ | P E]
 
-    so each head attends over the codes [s | E] (B, Hw, F, R + D - Dw: one tensor expanded over the heads) with
-    a query mapped to them: the same function in R + D - Dw columns instead of D (2.7× fewer for tiny.en WL-M)."""
+    so each head attends over the codes [s | E] (B, Hw, F, R + D - Dw: one tensor expanded over the heads, passed
+    as one key/value group) with a query mapped to them: the same function in R + D - Dw columns instead of D (2.7×
+    fewer for tiny.en WL-M)."""
     B, Hw, T, D = q.shape
     W, R = up_k.shape
     Uk, Uv = up_k.view(Hw, W // Hw, R), up_v.view(Hw, W // Hw, R)  # (Hw, Dw, R)
     q_codes = torch.cat((q[..., :W // Hw] @ Uk.to(q.dtype), q[..., W // Hw:]), dim=-1)
-    y = unmasked_attention(q_codes, codes_k, codes_v, scale=1 / math.sqrt(D))  # D: the template's head size
+    y = attention(q_codes, codes_k[:, :1], codes_v[:, :1], scale=1 / math.sqrt(D))  # D: the template's head size
     return torch.cat((y[..., :R] @ Uv.transpose(1, 2).to(y.dtype), y[..., R:]), dim=-1)
 
 
@@ -301,10 +289,10 @@ class AdapterAttention(CausalSelfAttention):
         q = torch.einsum("bitd,ih->bhtd", q @ self.adapter_q_dim, self.adapter_q_head)
         return q.contiguous()  # einsum may return a strided view; the fused attention kernel needs stride 1
 
-    def forward(self, x, cos, sin, mask=None, input_pos=None, audio=None, projected=None):
+    def forward(self, x, cos, sin, input_pos=None, audio=None, projected=None):
         """The diagram: y = attention over the text + gate_L · AiL(q) + gate_W · AiW(q'', audio), projected.
         audio (B, F, W): Whisper encoder features (while decoding only with the first step: then cached)."""
-        q, y = self.attend(x, cos, sin, mask, input_pos)  # q with RoPE, y before the output projection
+        q, y = self.attend(x, cos, sin, input_pos)  # q with RoPE, y before the output projection
         decoding = input_pos is not None
         k_p, v_p = self.kept(decoding, "prefix_kv", self.prefix_kv)  # they depend on no input
         y = y + (self.adapter_gate_prefix * prefix_attention(q, k_p, v_p)).to(y.dtype)
@@ -331,8 +319,8 @@ class AdapterBlock(Block):
         super().__init__(config)
         self.attn = AdapterAttention(config, block_idx)
 
-    def forward(self, x, cos, sin, mask=None, input_pos=None, audio=None, projected=None):
-        x = x + self.attn(self.norm_1(x), cos, sin, mask, input_pos, audio=audio, projected=projected)
+    def forward(self, x, cos, sin, input_pos=None, audio=None, projected=None):
+        x = x + self.attn(self.norm_1(x), cos, sin, input_pos, audio=audio, projected=projected)
         return x + self.mlp(self.norm_2(x))
 
 
@@ -365,13 +353,13 @@ class WhisperingLLaMA(LLaMA):
             audio = audio[:, : max(1, int(audio_frames))]
         if audio is not None and self.config.random_audio:  # ablation: the audio carries no information
             audio = torch.randn(audio.shape, device=audio.device, dtype=torch.float32)
-        x, cos, sin, mask = self.prepare(idx, input_pos)
+        x, cos, sin = self.prepare(idx, input_pos)
         projected = {}  # Whisper k/v projections of this forward, shared by the blocks that copy the same j
         for i, block in enumerate(self.transformer.h):
             if i >= self.config.adapter_start_layer:  # an AdapterBlock (possibly inside an FSDP wrapper)
-                x = block(x, cos, sin, mask, input_pos, audio=audio, projected=projected)
+                x = block(x, cos, sin, input_pos, audio=audio, projected=projected)
             else:
-                x = block(x, cos, sin, mask, input_pos)
+                x = block(x, cos, sin, input_pos)
         return self.head(x, logits_mask)
 
 

@@ -119,10 +119,8 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(size))
         self.eps = eps
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x32 = upcast(x)  # the mean of squares in fp32, also for half-precision activations
-        x32 = x32 * torch.rsqrt(x32.pow(2).mean(dim=-1, keepdim=True) + self.eps)
-        return (x32 * self.weight.to(x32.dtype)).to(x.dtype)
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # one fused kernel; bf16/fp16 inputs computed in fp32
+        return F.rms_norm(x, (x.shape[-1],), self.weight.to(x.dtype), self.eps)
 
 
 def rope_frequencies(head_size: int, base: float, scaling: Optional[dict] = None) -> torch.Tensor:
@@ -152,9 +150,34 @@ def build_rope_cache(seq_len: int, head_size: int, base: float, scaling=None, de
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     """Rotate each interleaved pair (x[2i], x[2i+1]) of every head by its angle. x: (B, n_heads, T, D);
     cos, sin: (T, D/2)."""
-    x1, x2 = upcast(x)[..., 0::2], upcast(x)[..., 1::2]
+    x32 = upcast(x)
+    x1, x2 = x32[..., 0::2], x32[..., 1::2]
     rotated = torch.stack((x1 * cos - x2 * sin, x1 * sin + x2 * cos), dim=-1)
     return rotated.flatten(-2).to(x.dtype)
+
+
+def attention(q, k, v, mask=None, causal=False, scale=None) -> torch.Tensor:
+    """softmax(q kᵀ · scale + mask) v, scale 1/√D by default; q (B, H, T, D), k and v (B or 1, G, S, D): query head
+    h reads key/value group h // (H/G); mask (broadcast to (B, H, T, S)) is True where attending is allowed. On a
+    CPU in bf16 the fused kernel is slower than plain matmuls (bench/attention.py), so there it is written out."""
+    if q.device.type == "cpu" and (q.dtype == torch.bfloat16 or torch.is_autocast_enabled("cpu")):
+        return matmul_attention(q, k, v, mask, causal, scale)
+    return F.scaled_dot_product_attention(q, k, v, mask, is_causal=causal, scale=scale,
+                                          enable_gqa=k.shape[1] != q.shape[1])
+
+
+def matmul_attention(q, k, v, mask=None, causal=False, scale=None) -> torch.Tensor:
+    """`attention` written out. The H/G query heads of a group are stacked along the rows, so each group takes one
+    matmul against its keys (G = 1: all heads in one matmul). The softmax runs in the scores' dtype: for bf16 the
+    kernel accumulates in fp32 (its outputs equal fp32's rounded to bf16), at half the memory traffic."""
+    (B, H, T, D), G, S = q.shape, k.shape[1], k.shape[2]
+    q = q.reshape(B, G, H // G * T, D) * (scale or 1 / math.sqrt(D))
+    s = (q @ k.transpose(-1, -2)).view(B, H, T, S)
+    if causal:  # over one sequence (T = S): query t sees keys 0..t
+        mask = torch.ones(T, S, dtype=torch.bool, device=q.device).tril()
+    if mask is not None:  # added, not masked_fill: the backward of an addition costs nothing
+        s = s + torch.zeros(mask.shape, dtype=s.dtype, device=s.device).masked_fill_(~mask, float("-inf"))
+    return (s.softmax(dim=-1).view(B, G, H // G * T, S) @ v).view(B, H, T, v.shape[-1])
 
 
 class KVCache(nn.Module):
@@ -178,9 +201,7 @@ class KVCache(nn.Module):
 class CausalSelfAttention(nn.Module):
     def __init__(self, config: Config):
         super().__init__()
-        self.n_head = config.n_head
-        self.n_query_groups = config.n_query_groups
-        self.head_size = config.head_size
+        self.n_head, self.n_query_groups, self.head_size = config.n_head, config.n_query_groups, config.head_size
         # One fused projection: [H query heads; G key groups; G value groups], each D wide.
         qkv_size = (config.n_head + 2 * config.n_query_groups) * config.head_size
         self.qkv = nn.Linear(config.n_embd, qkv_size, bias=False)
@@ -191,37 +212,27 @@ class CausalSelfAttention(nn.Module):
         """(B, T, (H + 2G)·D) → q (B, H, T, D), k and v (B, G, T, D)."""
         B, T, _ = qkv.shape
         H, G, D = self.n_head, self.n_query_groups, self.head_size
-        q, k, v = qkv.split((H * D, G * D, G * D), dim=-1)
-        q = q.view(B, T, H, D).transpose(1, 2)
-        k = k.view(B, T, G, D).transpose(1, 2)
-        v = v.view(B, T, G, D).transpose(1, 2)
-        return q, k, v
+        return tuple(x.view(B, T, -1, D).transpose(1, 2) for x in qkv.split((H * D, G * D, G * D), dim=-1))
 
-    def attend(self, x, cos, sin, mask, input_pos):
-        """Causal self-attention before the output projection.
-
-        Returns the RoPE'd queries and the attention output, both (B, H, T, D): the adapter adds
-        its branches to the output and needs the same queries."""
+    def attend(self, x, cos, sin, input_pos):
+        """Causal self-attention before the output projection: the RoPE'd queries and the output, both (B, H, T, D)
+        (the adapter adds its branches to the output and reuses the queries)."""
         q, k, v = self.split_heads(self.qkv(x))
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-        if input_pos is not None:
-            if self.kv_cache is None:
-                raise RuntimeError("call model.set_kv_cache(...) before decoding with input_pos")
-            k, v = self.kv_cache(input_pos, k, v)
-            mask = mask[..., : k.shape[2]]
-        # softmax(q kᵀ/√D + mask) v, where query head h reads key/value group h // (H/G)
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None,
-                                           enable_gqa=self.n_query_groups != self.n_head)
-        return q, y
+        if input_pos is None:
+            return q, attention(q, k, v, causal=True)
+        if self.kv_cache is None:
+            raise RuntimeError("call model.set_kv_cache(...) before decoding with input_pos")
+        k, v = self.kv_cache(input_pos, k, v)
+        return q, attention(q, k, v, torch.arange(k.shape[2], device=k.device) <= input_pos[:, None])  # p sees 0..p
 
     def project(self, y: torch.Tensor) -> torch.Tensor:
         """(B, H, T, D) → (B, T, C) through the output projection."""
         B, H, T, D = y.shape
         return self.proj(y.transpose(1, 2).reshape(B, T, H * D))
 
-    def forward(self, x, cos, sin, mask=None, input_pos=None):
-        _, y = self.attend(x, cos, sin, mask, input_pos)
-        return self.project(y)
+    def forward(self, x, cos, sin, input_pos=None):
+        return self.project(self.attend(x, cos, sin, input_pos)[1])
 
 
 class MLP(nn.Module):
@@ -245,8 +256,8 @@ class Block(nn.Module):
         self.norm_2 = RMSNorm(config.n_embd, config.norm_eps)
         self.mlp = MLP(config)
 
-    def forward(self, x, cos, sin, mask=None, input_pos=None):
-        x = x + self.attn(self.norm_1(x), cos, sin, mask, input_pos)
+    def forward(self, x, cos, sin, input_pos=None):
+        x = x + self.attn(self.norm_1(x), cos, sin, input_pos)
         return x + self.mlp(self.norm_2(x))
 
 
@@ -264,7 +275,6 @@ class LLaMA(nn.Module):
             self.lm_head.weight = self.transformer.wte.weight
         self.apply(self._init_weights)
         self._rope = None  # (cos, sin), built lazily so meta-device construction costs nothing
-        self._causal_mask = None
 
     def build_block(self, config: Config, i: int) -> nn.Module:
         """Block i of the stack; adapter.py overrides this to put adapters into the upper blocks."""
@@ -291,29 +301,19 @@ class LLaMA(nn.Module):
         shape = (batch_size, c.n_query_groups, max_seq_length, c.head_size)
         for block in self.transformer.h:
             block.attn.kv_cache = KVCache(shape, shape, device, dtype)
-        # Row p of the causal mask says which cached positions query position p may see.
-        ones = torch.ones(max_seq_length, max_seq_length, dtype=torch.bool, device=device)
-        self._causal_mask = torch.tril(ones)
 
     def clear_kv_cache(self):
         for block in self.transformer.h:
             block.attn.kv_cache = None
-        self._causal_mask = None
 
     def prepare(self, idx: torch.Tensor, input_pos: Optional[torch.Tensor]):
-        """Embeddings, rotary tables and mask for a forward pass over idx (B, T)."""
+        """Embeddings and rotary tables for a forward pass over idx (B, T) (at positions input_pos, decoding)."""
         T = idx.shape[1]
+        if input_pos is None and T > self.config.block_size:
+            raise ValueError(f"sequence of {T} tokens exceeds block_size {self.config.block_size}")
         cos, sin = self.rope_cache(idx.device)
-        if input_pos is None:
-            if T > self.config.block_size:
-                raise ValueError(f"sequence of {T} tokens exceeds block_size {self.config.block_size}")
-            cos, sin, mask = cos[:T], sin[:T], None  # None → causal attention over the sequence
-        else:
-            if self._causal_mask is None:
-                raise RuntimeError("call model.set_kv_cache(...) before decoding with input_pos")
-            cos, sin = cos[input_pos], sin[input_pos]
-            mask = self._causal_mask[input_pos][None, None]  # (1, 1, T, max_seq_length)
-        return self.transformer.wte(idx), cos, sin, mask
+        cos, sin = (cos[:T], sin[:T]) if input_pos is None else (cos[input_pos], sin[input_pos])
+        return self.transformer.wte(idx), cos, sin
 
     def head(self, x: torch.Tensor, logits_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
         """Final norm and lm_head. With logits_mask (B, T) bool, only those positions are scored and
@@ -326,9 +326,9 @@ class LLaMA(nn.Module):
     def forward(self, idx, input_pos=None, logits_mask=None):
         """idx (B, T) → logits (B, T, vocab), or (N, vocab) with logits_mask. With input_pos (T,) the tokens
         are written into the KV cache at those positions (decoding)."""
-        x, cos, sin, mask = self.prepare(idx, input_pos)
+        x, cos, sin = self.prepare(idx, input_pos)
         for block in self.transformer.h:
-            x = block(x, cos, sin, mask, input_pos)
+            x = block(x, cos, sin, input_pos)
         return self.head(x, logits_mask)
 
     @classmethod

@@ -119,12 +119,73 @@ def test_attention_matches_literal_softmax():
         expected[:, h] = scores.softmax(-1) @ v[:, g]
     cos, sin = M.build_rope_cache(T, D, config.rope_base)
     with torch.no_grad():
-        q_out, y = attn.attend(x, cos, sin, None, None)
+        q_out, y = attn.attend(x, cos, sin, None)
         out = attn(x, cos, sin)
     torch.testing.assert_close(q_out.double(), q, atol=1e-5, rtol=1e-5)  # the queries the adapter reuses
     torch.testing.assert_close(y.double(), expected, atol=1e-5, rtol=1e-5)
     proj = expected.transpose(1, 2).reshape(B, T, H * D) @ attn.proj.weight.detach().double().T
     torch.testing.assert_close(out.double(), proj, atol=1e-5, rtol=1e-5)
+
+
+def literal_attention(q, k, v, allowed, scale):
+    """One head at a time: head h reads group h // (H/G); allowed (T, S) bool."""
+    B, H, T, _ = q.shape
+    G = k.shape[1]
+    out = []
+    for h in range(H):
+        g = h // (H // G)
+        scores = (q[:, h] @ k[:, g].transpose(-1, -2) * scale).masked_fill(~allowed, float("-inf"))
+        out.append(scores.softmax(-1) @ v[:, g])
+    return torch.stack(out, dim=1)
+
+
+@pytest.mark.parametrize("B,Bkv,H,G,T,S,D,Dv,how", [
+    (2, 2, 4, 2, 6, 6, 8, 8, "causal"),     # training: GQA, causal over the sequence
+    (2, 2, 4, 4, 7, 7, 8, 8, "causal"),     # plain multi-head attention
+    (2, 2, 6, 3, 2, 9, 8, 8, "mask"),       # decoding: an explicit mask over a cache
+    (3, 1, 6, 1, 5, 4, 8, 8, "none"),       # the prefix: one key/value set for the whole batch, G = 1
+    (2, 2, 6, 1, 5, 11, 5, 7, "scale"),     # the low-rank codes: G = 1, a head size other than the scale's
+])
+def test_matmul_attention_matches_literal_softmax(B, Bkv, H, G, T, S, D, Dv, how):
+    """matmul_attention (the CPU bf16 path) is the same function as the literal per-head softmax, values and
+    gradients, in float64; and attention() takes the fused kernel outside CPU bf16, with the same result."""
+    torch.manual_seed(0)
+    q = torch.randn(B, H, T, D, dtype=torch.float64, requires_grad=True)
+    k = torch.randn(Bkv, G, S, D, dtype=torch.float64, requires_grad=True)
+    v = torch.randn(Bkv, G, S, Dv, dtype=torch.float64, requires_grad=True)
+    allowed = torch.ones(T, S, dtype=torch.bool)
+    kw = {}
+    if how == "causal":
+        allowed, kw = allowed.tril(), {"causal": True}
+    elif how == "mask":
+        allowed = torch.rand(T, S) < 0.6
+        allowed[:, 0] = True
+        kw = {"mask": allowed[None, None]}
+    scale = 0.3 if how == "scale" else 1 / math.sqrt(D)
+    if how == "scale":
+        kw = {"scale": scale}
+    expected = literal_attention(q, k.expand(B, -1, -1, -1), v.expand(B, -1, -1, -1), allowed, scale)
+    g = torch.randn_like(expected)
+    ref_grads = torch.autograd.grad(expected, (q, k, v), g)
+    for fn in (M.matmul_attention, M.attention):  # float64: attention() calls the fused kernel
+        y = fn(q, k, v, **kw)
+        torch.testing.assert_close(y, expected)
+        for a, b in zip(torch.autograd.grad(y, (q, k, v), g), ref_grads):
+            torch.testing.assert_close(a, b)
+
+
+def test_attention_on_cpu_in_bf16_is_written_out(monkeypatch):
+    """In bf16 on a CPU (bf16 tensors, or bf16 autocast) attention() never calls the fused kernel; in fp32 it does."""
+    calls = []
+    sdpa = F.scaled_dot_product_attention
+    monkeypatch.setattr(F, "scaled_dot_product_attention", lambda *a, **kw: calls.append(1) or sdpa(*a, **kw))
+    q, k, v = (torch.randn(1, 2, 4, 8) for _ in range(3))
+    M.attention(q.bfloat16(), k.bfloat16(), v.bfloat16(), causal=True)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        M.attention(q, k, v, causal=True)
+    assert calls == []
+    M.attention(q, k, v, causal=True)
+    assert calls == [1]
 
 
 def unit_variance(model):
