@@ -126,8 +126,8 @@ def whisper_attention(q: torch.Tensor, k_tail: torch.Tensor, v_tail: torch.Tenso
     i.e. exactly the Whisper heads of K_pad/V_pad; or, with up = (U_k, U_v), their low-rank codes (see
     `low_rank_heads`). Returns (B, H, T, D).
 
-    The Whisper heads go through scaled_dot_product_attention, whose fused kernel never materialises the
-    (T × F) score matrix. The H - Hw padding heads are never built: their key for frame f is the unit vector
+    The Whisper heads go through model.attention (the fused kernel, which never materialises the (T × F) score
+    matrix; on a CPU in bf16 two matmuls, faster there). The H - Hw padding heads are never built: their key for frame f is the unit vector
     e_f for f < min(F, D) and all-zero beyond, so their scores are q[..., :n] followed by F - n zeros (which
     act together like one extra score of log(F - n)), and their output column d is the probability of frame d."""
     B, H, T, D = q.shape

@@ -13,9 +13,12 @@ Configurations (each in its own process, so that its peak RSS is its own):
                builds the Whisper heads' keys/values in full, (B, Hw, F, D)
     fp32       fp32, today's AiW: the projections and their normalisation once per distinct Whisper block (the
                norms' scale folded into down), the Whisper heads attending over the low-rank codes (all exact)
-    bf16-before  frozen weights in bf16 under bf16 autocast, adapters fp32, the frame attention in fp32, with the
-               AiW of the previous bf16 measurement (projections shared, per-block norms, keys/values in full)
-    bf16       the same with today's AiW (train.py --precision bf16)
+    bf16-before  frozen weights in bf16 under bf16 autocast, adapters fp32, as first measured: the AiW of then
+               (projections shared, per-block norms, keys/values in full) and every attention through the fused
+               kernel (`fused_attention`; the prefix and frames upcast to fp32, where that kernel was faster)
+    bf16       today's train.py --precision bf16: today's AiW, and on a CPU every attention written out as bf16
+               matmuls (model.matmul_attention; bench/attention.py times it against the fused kernel)
+    bf16-trim-fused  bf16-trim with every attention through the fused kernel, as the previous measurement ran
     bf16-trim  bf16 and only the frames that carry the clip (train.py --precision bf16 --trim-audio)
 
 Printed: tokens/s, the speed-up over the baseline, achieved FLOP/s (FLOPs counted by torch's FlopCounterMode
@@ -35,17 +38,19 @@ import time
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import adapter as A  # noqa: E402
 import convert_checkpoint  # noqa: E402
+import model as M  # noqa: E402
 import train  # noqa: E402
 import wl_checkpoint  # noqa: E402
 from prepare_data import IGNORE_INDEX  # noqa: E402
 from whisper_model import FRAMES_PER_SECOND, N_AUDIO_FRAMES  # noqa: E402
 
-CONFIGS = ("baseline", "fp32", "bf16-before", "bf16", "bf16-trim")
+CONFIGS = ("baseline", "fp32", "bf16-before", "bf16", "bf16-trim-fused", "bf16-trim")
 
 
 def matmul_peak(dtype, n=2048, repeats=5) -> float:
@@ -77,13 +82,26 @@ def old_whisper_kv(self, audio, projected=None, share=False):
     return A.identity_tail(k, c.head_size), A.identity_tail(v, c.head_size), None
 
 
+def fused_attention(q, k, v, mask=None, causal=False, scale=None):
+    """model.attention before it wrote the CPU bf16 attention out: the fused kernel always, and under bf16 autocast
+    the unmasked attentions (prefix, frames) computed in fp32, where that kernel ran faster than in bf16."""
+    gqa = k.shape[1] != q.shape[1]
+    if mask is None and not causal and torch.is_autocast_enabled("cpu"):
+        with torch.autocast("cpu", enabled=False):
+            return F.scaled_dot_product_attention(q.float(), k.float(), v.float(), scale=scale,
+                                                  enable_gqa=gqa).to(q.dtype)
+    return F.scaled_dot_product_attention(q, k, v, mask, is_causal=causal, scale=scale, enable_gqa=gqa)
+
+
 def build(name, whisper):
     """(model, autocast dtype or None) for a configuration."""
     torch.manual_seed(0)
     llm = convert_checkpoint.ensure_llm(None)
-    model = wl_checkpoint.build_model(llm, whisper, trim_audio=name.endswith("trim")).float()
+    model = wl_checkpoint.build_model(llm, whisper, trim_audio="trim" in name).float()
     if name in ("baseline", "bf16-before"):
         A.AdapterAttention.whisper_kv = functools.partialmethod(old_whisper_kv, share=name != "baseline")
+    if name in ("bf16-before", "bf16-trim-fused"):
+        M.attention = A.attention = fused_attention  # model.py's blocks and adapter.py's branches
     if name.startswith("bf16"):
         with torch.no_grad():  # as train.py --precision bf16
             for p in model.parameters():
@@ -181,11 +199,11 @@ def main(argv=None):
             sys.exit(f"{name} failed:\n{out.stderr}")
         results[name] = json.loads(out.stdout.strip().splitlines()[-1])
     base = results.get("baseline")
-    print(f"{'':<11}{'tokens/s':>10}{'speed-up':>10}{'GFLOP/s':>9}{'peak GF/s':>10}{'of peak':>9}{'RSS GiB':>9}")
+    print(f"{'':<16}{'tokens/s':>10}{'speed-up':>10}{'GFLOP/s':>9}{'peak GF/s':>10}{'of peak':>9}{'RSS GiB':>9}")
     for name, r in results.items():
         achieved = r["flops"] / r["seconds"]
         ratio = f"{base['seconds'] / r['seconds']:.2f}x" if base else "-"
-        print(f"{name:<11}{r['tokens'] / r['seconds']:>10.1f}{ratio:>10}{achieved / 1e9:>9.1f}{r['peak'] / 1e9:>10.1f}"
+        print(f"{name:<16}{r['tokens'] / r['seconds']:>10.1f}{ratio:>10}{achieved / 1e9:>9.1f}{r['peak'] / 1e9:>10.1f}"
               f"{achieved / r['peak']:>9.1%}{r['rss_gib']:>9.2f}")
     if args.steps:
         out = subprocess.run([sys.executable, __file__, "--curves", *forwarded], capture_output=True, text=True)
