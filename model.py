@@ -160,7 +160,8 @@ def attention(q, k, v, mask=None, causal=False, scale=None) -> torch.Tensor:
     """softmax(q kᵀ · scale + mask) v, scale 1/√D by default; q (B, H, T, D), k and v (B or 1, G, S, D): query head
     h reads key/value group h // (H/G); mask (broadcast to (B, H, T, S)) is True where attending is allowed. On a
     CPU in bf16 the fused kernel is slower than plain matmuls (bench/attention.py), so there it is written out."""
-    if q.device.type == "cpu" and (q.dtype == torch.bfloat16 or torch.is_autocast_enabled("cpu")):
+    autocast_bf16 = torch.is_autocast_enabled("cpu") and torch.get_autocast_dtype("cpu") == torch.bfloat16
+    if q.device.type == "cpu" and (q.dtype == torch.bfloat16 or autocast_bf16):
         return matmul_attention(q, k, v, mask, causal, scale)
     return F.scaled_dot_product_attention(q, k, v, mask, is_causal=causal, scale=scale,
                                           enable_gqa=k.shape[1] != q.shape[1])
@@ -173,8 +174,7 @@ def matmul_attention(q, k, v, mask=None, causal=False, scale=None) -> torch.Tens
     (B, H, T, D), G, S = q.shape, k.shape[1], k.shape[2]
     q = q.reshape(B, G, H // G * T, D) * (scale or 1 / math.sqrt(D))
     s = (q @ k.transpose(-1, -2)).view(B, H, T, S)
-    if causal:  # over one sequence (T = S): query t sees keys 0..t
-        mask = torch.ones(T, S, dtype=torch.bool, device=q.device).tril()
+    mask = torch.ones(T, S, dtype=torch.bool, device=q.device).tril() if causal else mask  # causal: T = S
     if mask is not None:  # added, not masked_fill: the backward of an addition costs nothing
         s = s + torch.zeros(mask.shape, dtype=s.dtype, device=s.device).masked_fill_(~mask, float("-inf"))
     return (s.softmax(dim=-1).view(B, G, H // G * T, S) @ v).view(B, H, T, v.shape[-1])
