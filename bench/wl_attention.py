@@ -64,7 +64,7 @@ def branch_forward(attn, q, audio, literal):
 
 def layer_forward(attn, x, cos, sin, audio, literal):
     if not literal:
-        return attn(x, cos, sin, None, None, audio=audio)
+        return attn(x, cos, sin, audio=audio)
     q, y = attn.attend(x, cos, sin, None)
     k_p, v_p = attn.prefix_kv()
     y = y + attn.adapter_gate_prefix * A.prefix_attention(q, k_p, v_p)
