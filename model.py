@@ -163,6 +163,8 @@ def attention(q, k, v, mask=None, causal=False, scale=None) -> torch.Tensor:
     autocast_bf16 = torch.is_autocast_enabled("cpu") and torch.get_autocast_dtype("cpu") == torch.bfloat16
     if q.device.type == "cpu" and (q.dtype == torch.bfloat16 or autocast_bf16):
         return matmul_attention(q, k, v, mask, causal, scale)
+    if k.shape[1] == 1 < q.shape[1]:  # one key/value set for every head: views, no grouped-query kernel needed
+        k, v = k.expand(-1, q.shape[1], -1, -1), v.expand(-1, q.shape[1], -1, -1)
     return F.scaled_dot_product_attention(q, k, v, mask, is_causal=causal, scale=scale,
                                           enable_gqa=k.shape[1] != q.shape[1])
 
@@ -294,13 +296,10 @@ class LLaMA(nn.Module):
 
     def set_kv_cache(self, batch_size: int, max_seq_length: Optional[int] = None, device=None, dtype=None):
         """Allocate every block's KV cache; decoding then passes `input_pos`."""
-        c = self.config
-        max_seq_length = max_seq_length or c.block_size
-        device = device or self.lm_head.weight.device
-        dtype = dtype or self.lm_head.weight.dtype
-        shape = (batch_size, c.n_query_groups, max_seq_length, c.head_size)
+        c, w = self.config, self.lm_head.weight
+        shape = (batch_size, c.n_query_groups, max_seq_length or c.block_size, c.head_size)
         for block in self.transformer.h:
-            block.attn.kv_cache = KVCache(shape, shape, device, dtype)
+            block.attn.kv_cache = KVCache(shape, shape, device or w.device, dtype or w.dtype)
 
     def clear_kv_cache(self):
         for block in self.transformer.h:
