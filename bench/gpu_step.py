@@ -62,6 +62,8 @@ def random_model(llm: str, whisper: str, layers, device) -> WhisperingLLaMA:
     """WL-M with random frozen weights (std 0.02) in bf16 and the paper's adapter initialisation in fp32."""
     overrides = {"n_layer": layers} if layers else {}
     config = wl_config(Config.from_name(llm, **overrides), ModelDimensions.from_name(whisper))
+    if config.n_layer <= config.adapter_start_layer:
+        sys.exit(f"error: --layers {layers} leaves no adapter block (they start at block {config.adapter_start_layer})")
     torch.set_default_dtype(torch.bfloat16)  # a 7B model is built directly in bf16 on the device
     try:
         with torch.device(device):
