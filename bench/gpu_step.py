@@ -13,8 +13,10 @@ the loss on the response, with the features of a 30 s window (the paper's 1500 f
               of the audio, the norms, down/up, and the (B, H, F, D) keys and values of the identity template
               padded in full for all H heads, attended by all H heads
 Printed per model and kind: tokens/s, achieved TFLOP/s (torch's FlopCounterMode on one micro-step) and its share
-of the device's bf16 matmul peak (measured here), peak memory (CUDA: max allocated; CPU: the process's RSS), and
-the loss (both kinds compute the same function: the losses agree up to bf16 rounding).
+of the device's bf16 matmul peak (measured here), peak memory (CUDA: max allocated; CPU: the process's peak RSS so
+far), the loss, and the largest relative difference of the adapter tensors' gradient norms from ours (both kinds
+compute the same function: they differ by bf16 rounding; with random weights the loss itself hardly depends on
+the audio branch, the adapters' gradients do).
 """
 import argparse
 import functools
@@ -127,8 +129,9 @@ def measure(model, batch, device, repeats) -> dict:
         times.append(time.perf_counter() - t0)
     peak = (torch.cuda.max_memory_allocated(device) if device.type == "cuda"
             else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
+    grads = torch.stack([p.grad.float().norm() for p in model.parameters() if p.grad is not None]).cpu()
     return {"seconds": statistics.median(times), "flops": counter.get_total_flops(), "peak_gib": peak / 2 ** 30,
-            "loss": losses[-1]}
+            "loss": losses[-1], "grads": grads}
 
 
 def main(argv=None):
@@ -149,7 +152,8 @@ def main(argv=None):
     peak = matmul_peak(device, 8192 if device.type == "cuda" else 2048)
     print(f"{name}: bf16 matmul peak {peak / 1e12:.1f} TFLOP/s; micro-batch {args.batch} × ({args.prompt_tokens} + "
           f"{args.response_tokens}) tokens, {N_AUDIO_FRAMES} frames, forward + backward, median of {args.repeats}")
-    print(f"{'model':<40}{'kind':<10}{'tokens/s':>10}{'TFLOP/s':>9}{'MFU':>7}{'peak GiB':>10}{'loss':>9}")
+    print(f"{'model':<40}{'kind':<10}{'tokens/s':>10}{'TFLOP/s':>9}{'MFU':>7}{'peak GiB':>10}{'loss':>9}"
+          f"{'grads vs ours':>15}")
     ours_kv = A.AdapterAttention.whisper_kv
     for key in args.models:
         llm, whisper = MODELS[key]
@@ -160,9 +164,12 @@ def main(argv=None):
         for kind in ("ours", "template"):
             A.AdapterAttention.whisper_kv = ours_kv if kind == "ours" else functools.partialmethod(template_kv)
             r = measure(model, batch, device, args.repeats)
+            if kind == "ours":
+                ours_grads = r["grads"]
             achieved = r["flops"] / r["seconds"]
+            grads = ((r["grads"] - ours_grads).abs() / ours_grads.clamp_min(1e-12)).max().item()
             print(f"{label:<40}{kind:<10}{args.batch * (args.prompt_tokens + args.response_tokens) / r['seconds']:>10.0f}"
-                  f"{achieved / 1e12:>9.2f}{achieved / peak:>7.1%}{r['peak_gib']:>10.2f}{r['loss']:>9.4f}")
+                  f"{achieved / 1e12:>9.2f}{achieved / peak:>7.1%}{r['peak_gib']:>10.2f}{r['loss']:>9.4f}{grads:>15.1e}")
         A.AdapterAttention.whisper_kv = ours_kv
         del model, batch
         if device.type == "cuda":
