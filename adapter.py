@@ -110,7 +110,7 @@ class WLConfig(Config):
 def prefix_attention(q, k_p, v_p):
     """AiL: every query attends to the L prefix positions, no mask.
     q (B, H, T, D); k_p, v_p (1, G, L, D), shared across the batch."""
-    B, H = q.shape[:2]
+    B = q.shape[0]
     k_p, v_p = k_p.expand(B, -1, -1, -1), v_p.expand(B, -1, -1, -1)  # views, no copy
     return attention(q, k_p, v_p)
 
@@ -127,13 +127,13 @@ def whisper_attention(q: torch.Tensor, k_tail: torch.Tensor, v_tail: torch.Tenso
     `low_rank_heads`). Returns (B, H, T, D).
 
     The Whisper heads go through model.attention (the fused kernel, which never materialises the (T × F) score
-    matrix; on a CPU in bf16 two matmuls, faster there). The H - Hw padding heads are never built: their key for frame f is the unit vector
-    e_f for f < min(F, D) and all-zero beyond, so their scores are q[..., :n] followed by F - n zeros (which
-    act together like one extra score of log(F - n)), and their output column d is the probability of frame d."""
+    matrix; on a CPU in bf16 two matmuls, faster there). The H - Hw padding heads are never built: their key for
+    frame f is the unit vector e_f for f < min(F, D) and all-zero beyond, so their scores are q[..., :n] followed
+    by F - n zeros (which act together like one extra score of log(F - n)), and their output column d is the
+    probability of frame d."""
     B, H, T, D = q.shape
     Hw, F_ = k_tail.shape[1:3]
-    y_real = attention(q[:, :Hw], k_tail, v_tail) if up is None else low_rank_heads(q[:, :Hw], k_tail,
-                                                                                             v_tail, *up)
+    y_real = attention(q[:, :Hw], k_tail, v_tail) if up is None else low_rank_heads(q[:, :Hw], k_tail, v_tail, *up)
     if H == Hw:
         return y_real
     n = min(F_, D)

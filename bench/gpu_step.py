@@ -168,8 +168,9 @@ def main(argv=None):
                 ours_grads = r["grads"]
             achieved = r["flops"] / r["seconds"]
             grads = ((r["grads"] - ours_grads).abs() / ours_grads.clamp_min(1e-12)).max().item()
-            print(f"{label:<40}{kind:<10}{args.batch * (args.prompt_tokens + args.response_tokens) / r['seconds']:>10.0f}"
-                  f"{achieved / 1e12:>9.2f}{achieved / peak:>7.1%}{r['peak_gib']:>10.2f}{r['loss']:>9.4f}{grads:>15.1e}")
+            tokens = args.batch * (args.prompt_tokens + args.response_tokens)
+            print(f"{label:<40}{kind:<10}{tokens / r['seconds']:>10.0f}{achieved / 1e12:>9.2f}{achieved / peak:>7.1%}"
+                  f"{r['peak_gib']:>10.2f}{r['loss']:>9.4f}{grads:>15.1e}")
         A.AdapterAttention.whisper_kv = ours_kv
         del model, batch
         if device.type == "cuda":
