@@ -2,6 +2,7 @@
 
 Oracles: literal cross-entropies over full logits written in the tests, a batch of 8 computed in one piece,
 an uninterrupted run against an interrupted + resumed one, a single process against two."""
+import argparse
 import csv
 import json
 import os
@@ -543,6 +544,21 @@ def test_a_step_cuts_its_examples_into_micro_batches_of_similar_length(tiny):
         assert got == sorted(ds.entries[i]["id"] for i in taken)  # the same examples
         real = [b["n_tokens"] for b in micro]
         assert real == [sum(lengths[j: j + 2]) for j in range(0, len(lengths), 2)]  # shortest first, in pairs
+
+
+def test_dev_loss_over_length_sorted_micro_batches_is_the_literal_mean(tiny):
+    """dev_loss groups the dev examples by length (less padding); its sum and count are still those of every
+    response token of the split, one example at a time over full logits."""
+    from lightning_fabric import Fabric
+
+    dev = P.PreparedDataset(tiny["data"], "dev")
+    model = tiny_model(tiny).eval()
+    run = argparse.Namespace(micro_batch_size=2, no_whisper=False)
+    with torch.no_grad():
+        total, n = T.dev_loss(Fabric(accelerator="cpu", devices=1), model, dev, run)
+        expected = literal_losses(model, [dev[i] for i in range(len(dev))])
+    assert int(n) == len(expected)
+    torch.testing.assert_close(total / n, expected.mean(), rtol=1e-5, atol=1e-6)
 
 
 def test_cpu_default_precision_follows_the_measured_matmul_speed(monkeypatch):
