@@ -53,14 +53,22 @@ from whisper_model import FRAMES_PER_SECOND, N_AUDIO_FRAMES  # noqa: E402
 CONFIGS = ("baseline", "fp32", "bf16-before", "bf16", "bf16-trim-fused", "bf16-trim")
 
 
-def matmul_peak(dtype, n=2048, repeats=5) -> float:
-    """FLOP/s of an n×n×n matmul in `dtype`: the machine's practical peak for that precision."""
-    a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
+def matmul_peak(dtype, n=2048, repeats=5, device="cpu") -> float:
+    """FLOP/s of an n×n×n matmul in `dtype`: the device's practical peak for that precision."""
+    a, b = (torch.randn(n, n, dtype=dtype, device=device) for _ in range(2))
     a @ b
+    sync(device)
     t0 = time.perf_counter()
     for _ in range(repeats):
         a @ b
+    sync(device)
     return 2 * n ** 3 * repeats / (time.perf_counter() - t0)
+
+
+def sync(device):
+    """Wait for a GPU's queued work, so that a timer measures it."""
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize(device)
 
 
 def old_whisper_kv(self, audio, projected=None, share=False):
@@ -123,7 +131,8 @@ def make_batch(model, args, seed=0):
 
 
 def micro_step(model, batch, dtype):
-    with torch.autocast("cpu", dtype=dtype, enabled=dtype is not None):
+    device_type = next(model.parameters()).device.type
+    with torch.autocast(device_type, dtype=dtype, enabled=dtype is not None):
         loss, n = train.micro_batch_loss(model, batch)
     (loss / n).backward()
     return loss.item() / n
